@@ -1,0 +1,1 @@
+"""Service handlers plugged into the chroot-helper server (exec, mail, dns)."""
