@@ -1,0 +1,155 @@
+"""A test app that reports, from inside the worker, what the jailed process can see and do.
+
+Each path answers JSON; nothing here is special to chrootwsgi except that it runs jailed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import importlib
+import json
+import os
+import socket
+import sys
+
+
+#: Standard-library modules nothing imports on its own; each /facts request imports the next.
+FRESH_MODULES = (
+    "colorsys", "wave", "chunk", "netrc", "sched", "shelve", "tabnanny", "graphlib", "plistlib",
+    "mailbox", "fractions", "statistics", "filecmp", "fileinput", "ftplib", "poplib", "imaplib",
+    "nntplib", "smtplib", "telnetlib", "xdrlib", "aifc", "sunau", "sndhdr", "imghdr", "pipes",
+    "cgi", "cgitb", "mailcap", "optparse", "getopt", "pstats", "cProfile", "timeit", "trace",
+    "pdb", "difflib", "gettext", "calendar", "zipapp", "pyclbr", "modulefinder", "runpy",
+)
+
+
+def _capabilities() -> int:
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    data = (ctypes.c_uint32 * 6)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.capget(ctypes.byref(Header(0x20080522, 0)), data)
+    return data[0] | data[3] << 32  # effective, low and high words
+
+
+def _attempt(action):
+    try:
+        result = action()
+    except OSError as exc:
+        return {"ok": False, "errno": errno.errorcode.get(exc.errno or 0, str(exc.errno))}
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": True, "result": result}
+
+
+def facts(environ):
+    import ssl
+    import zoneinfo
+
+    fresh = next(name for name in FRESH_MODULES if name not in sys.modules)
+    module = importlib.import_module(fresh)
+
+    return {
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "root_listing": sorted(os.listdir("/")),
+        "etc_passwd": _attempt(lambda: open("/etc/passwd").read()),
+        "proc_exists": os.path.exists("/proc"),
+        "cap_effective": _capabilities(),
+        "localhost": _attempt(lambda: sorted({a[4][0] for a in socket.getaddrinfo("localhost", 80)})),
+        "berlin": _attempt(lambda: str(zoneinfo.ZoneInfo("Europe/Berlin"))),
+        "first_import": {"name": fresh, "file": module.__file__},
+        "ca_certs": ssl.create_default_context().cert_store_stats()["x509_ca"],
+        "environ": {k: environ.get(k) for k in (
+            "DOCUMENT_ROOT", "CONTEXT_DOCUMENT_ROOT", "SCRIPT_FILENAME", "PATH_TRANSLATED",
+            "chrootwsgi.jailed")},
+    }
+
+
+def escapes(environ):
+    """Every classic way out of a chroot; each must fail."""
+    results = {}
+
+    def second_chroot():
+        os.makedirs("/tmp/inner", exist_ok=True)
+        os.chroot("/tmp/inner")
+        for _ in range(64):
+            os.chdir("..")
+        os.chroot(".")
+        return sorted(os.listdir("/"))
+
+    def fchdir_inherited():
+        found = []
+        for fd in range(3, 4096):
+            try:
+                os.fchdir(fd)
+            except OSError:
+                continue
+            found.append(fd)
+            for _ in range(64):
+                os.chdir("..")
+            found.append(sorted(os.listdir(".")))
+            os.chdir("/")
+        if found:
+            return found
+        raise OSError(errno.ENOTDIR, "no directory descriptor")
+
+    def mount():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) != 0:
+            raise OSError(ctypes.get_errno(), "mount")
+        return "mounted"
+
+    def write_root():
+        with open("/planted", "w") as file:
+            file.write("x")
+        return "written"
+
+    def setuid_root():
+        os.setuid(0)
+        return os.getuid()
+
+    def proc_root():
+        return os.listdir("/proc/1/root")
+
+    def unshare_user():
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x10000000) != 0:
+            raise OSError(ctypes.get_errno(), "unshare")
+        return "new user namespace"
+
+    for name, action in [
+        ("second_chroot", second_chroot),
+        ("fchdir_inherited", fchdir_inherited),
+        ("mount", mount),
+        ("write_root", write_root),
+        ("setuid_root", setuid_root),
+        ("proc_root", proc_root),
+        ("unshare_user", unshare_user),
+    ]:
+        results[name] = _attempt(action)
+    return results
+
+
+def exposure(environ):
+    return {
+        "read": _attempt(lambda: open("/exposed/hello.txt").read()),
+        "write": _attempt(lambda: open("/exposed/new.txt", "w").close()),
+    }
+
+
+ROUTES = {"/facts": facts, "/escapes": escapes, "/exposure": exposure}
+
+
+def app(environ, start_response):
+    route = ROUTES.get(environ.get("PATH_INFO", "/"))
+    if route is None:
+        body = f"hello from pid {os.getpid()}\n".encode()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("X-App", "called")])
+        return [body]
+    body = json.dumps(route(environ)).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("X-App", "called")])
+    return [body]

@@ -1,0 +1,163 @@
+"""A real Apache + mod_wsgi daemon (www-data) serving an app from an EMPTY jail, rootless mode."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import certifi
+import pytest
+import requests
+from apache_server import Apache, Site, jailed_script, world_readable_dir
+
+pytestmark = [pytest.mark.apache, pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[tuple[Apache, str, str]]:
+    jail = world_readable_dir("chrootwsgi-jail-")
+    os.chown(jail, 0, 0)
+    exposed = world_readable_dir("chrootwsgi-exposed-")
+    (exposed / "hello.txt").write_text("hello from the host\n")
+    (exposed / "hello.txt").chmod(0o644)
+    apache = Apache(Site(script=""))
+    apache.site.script = jailed_script(
+        root=str(jail),
+        expose=[f"{exposed}:/exposed", f"{apache.docroot}:/htdocs"],
+    )
+    with apache:
+        yield apache, str(jail), str(exposed)
+    assert os.listdir(jail) == [], "the jail directory on disk must stay empty"
+    os.rmdir(jail)
+    (exposed / "hello.txt").unlink()
+    os.rmdir(exposed)
+
+
+def test_root_shows_nothing_of_the_host(site):
+    apache, _, _ = site
+    facts = apache.get("/facts").json()
+    expected = {"dev", "etc", "tmp", "usr", "exposed", "htdocs", certifi.where().split("/")[1]}
+    assert set(facts["root_listing"]) == expected
+    assert not facts["proc_exists"]
+
+
+def test_host_passwd_is_not_readable(site):
+    apache, _, _ = site
+    passwd = apache.get("/facts").json()["etc_passwd"]
+    assert passwd["ok"], passwd
+    assert passwd["result"].splitlines() == ["www-data:x:33:33::/var/www:/usr/sbin/nologin"]
+
+
+def test_worker_is_www_data_without_capabilities(site):
+    apache, _, _ = site
+    facts = apache.get("/facts").json()
+    assert (facts["uid"], facts["gid"]) == (33, 33)
+    assert facts["cap_effective"] == 0
+
+
+def test_lazily_read_host_data_still_works(site):
+    apache, _, _ = site
+    facts = apache.get("/facts").json()
+    assert facts["localhost"] == {"ok": True, "result": ["127.0.0.1"]}
+    assert facts["berlin"] == {"ok": True, "result": "Europe/Berlin"}
+    assert facts["ca_certs"] > 0
+
+
+def test_stdlib_module_first_imported_after_entry(site):
+    apache, _, _ = site
+    facts = apache.get("/facts").json()
+    first = facts["first_import"]
+    assert first["file"] == f"/usr/lib/python3.11/{first['name']}.py"
+
+
+def test_request_paths_are_rewritten_to_jail_paths(site):
+    apache, _, _ = site
+    environ = apache.get("/facts").json()["environ"]
+    assert environ["DOCUMENT_ROOT"] == "/htdocs"
+    assert environ["CONTEXT_DOCUMENT_ROOT"] == "/htdocs"
+    assert environ["SCRIPT_FILENAME"] == str(apache.script)
+    assert environ["chrootwsgi.jailed"] is True
+
+
+def test_read_only_exposure(site):
+    apache, _, exposed = site
+    result = apache.get("/exposure").json()
+    assert result["read"] == {"ok": True, "result": "hello from the host\n"}
+    assert result["write"] == {"ok": False, "errno": "EROFS"}
+    assert os.listdir(exposed) == ["hello.txt"]
+
+
+@pytest.mark.parametrize(
+    "attempt",
+    [
+        "second_chroot",
+        "fchdir_inherited",
+        "mount",
+        "write_root",
+        "setuid_root",
+        "proc_root",
+        "unshare_user",
+    ],
+)
+def test_escape_attempt_fails(site, attempt):
+    apache, _, _ = site
+    result = apache.get("/escapes").json()[attempt]
+    assert result["ok"] is False, result
+
+
+def test_every_request_is_served_jailed(site):
+    apache, _, _ = site
+    pids = set()
+    for _ in range(20):
+        facts = apache.get("/facts").json()
+        assert facts["uid"] == 33 and facts["cap_effective"] == 0 and not facts["proc_exists"]
+        pids.add(facts["pid"])
+    assert pids, "no daemon process answered"
+
+
+def test_no_request_reaches_the_script_file_warning(site):
+    apache, _, _ = site
+    apache.get("/facts")
+    assert "WSGI0083" not in apache.error_log()
+    assert "Traceback" not in apache.error_log()
+
+
+def _jailed_pids(apache: Apache, requests: int) -> set[int]:
+    pids = set()
+    for _ in range(requests):
+        response = apache.get("/facts")
+        assert response.status_code == 200, response.text
+        facts = response.json()
+        assert facts["uid"] == 33 and facts["cap_effective"] == 0, facts
+        assert "bin" not in facts["root_listing"]
+        pids.add(facts["pid"])
+    return pids
+
+
+def test_maximum_requests_restarts_are_jailed(jail_root):
+    site = Site(script=jailed_script(root=jail_root), processes=1, threads=1, maximum_requests=3)
+    with Apache(site) as apache:
+        pids = _jailed_pids(apache, 12)
+    assert len(pids) >= 3, f"expected several daemon processes, saw {pids}"
+
+
+def test_graceful_restart_new_workers_are_jailed(jail_root):
+    site = Site(script=jailed_script(root=jail_root), processes=1, threads=2)
+    with Apache(site) as apache:
+        before = _jailed_pids(apache, 3)
+        apache.graceful()
+        deadline = time.monotonic() + 30
+        after: set[int] = set()
+        while time.monotonic() < deadline and not (after - before):
+            time.sleep(0.2)
+            try:
+                response = apache.get("/facts")
+            except requests.ConnectionError:
+                continue  # Apache is restarting its children
+            assert b"not running in its jail" not in response.content
+            if response.status_code == 200:
+                facts = response.json()
+                assert facts["uid"] == 33 and facts["cap_effective"] == 0, facts
+                after.add(facts["pid"])
+    assert after - before, "no new daemon process appeared after the graceful restart"
