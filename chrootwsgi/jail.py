@@ -141,6 +141,14 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
     read_only = preload.data_files() + list(config.preload_files)
     if script and config.expose_script:
         read_only.append(script)
+    elif script:
+        log.warning(
+            "pid %d: %s will not exist in the jail (expose_script is off): with "
+            "WSGIScriptReloading On (mod_wsgi's default) every request then fails; set "
+            "WSGIScriptReloading Off, or leave expose_script on",
+            os.getpid(),
+            script,
+        )
     closed = fds.close_escape_fds()
     if mode == "rootless":
         _enter_user_namespace(identity.uid, identity.gid)

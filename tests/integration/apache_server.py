@@ -63,6 +63,7 @@ class Site:
     user: str = "www-data"
     extra_config: str = ""
     files: dict[str, str] = field(default_factory=dict)
+    launcher: list[str] = field(default_factory=list)
 
 
 class Apache:
@@ -139,7 +140,7 @@ class Apache:
         if check.returncode != 0:
             raise RuntimeError(f"apache2 -t rejected the test config:\n{check.stderr}")
         self.process = subprocess.Popen(
-            [APACHE, "-DFOREGROUND", "-f", str(conf)],
+            [*self.site.launcher, APACHE, "-DFOREGROUND", "-f", str(conf)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
