@@ -118,7 +118,7 @@ class JailConfig:
         return self.mode
 
 
-def load_config(path: str | None = None, **overrides: object) -> JailConfig:
+def load_config(path: str | None = None, /, **overrides: object) -> JailConfig:
     """Build a validated :class:`JailConfig` from a TOML file and/or keyword arguments.
 
     :param path: TOML file; defaults to ``$CHROOTWSGI_CONFIG`` when that is set.
@@ -132,10 +132,11 @@ def load_config(path: str | None = None, **overrides: object) -> JailConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"unknown setting {unknown[0]!r}{_where(path)}; known settings: {', '.join(sorted(known))}"
+            f"unknown setting {unknown[0]!r}{_where(path)}; "
+            f"known settings: {', '.join(sorted(known))}"
         )
     if "root" not in values:
-        raise ConfigError(f"no jail root given{_where(path)}: set root = \"/srv/jail\"")
+        raise ConfigError(f'no jail root given{_where(path)}: set root = "/srv/jail"')
     config = JailConfig(
         root=_absolute("root", values["root"]),
         mode=_mode(values.get("mode", "auto")),
@@ -168,6 +169,10 @@ def check_root(root: str) -> None:
     The root and every directory above it must be owned by root and writable by no one else;
     otherwise a process outside could swap or plant files the jail relies on.
     """
+    unreachable = ConfigError(
+        f"root {root!r} cannot be reached by uid {os.getuid()}: give it and every "
+        "directory above it mode 755 (a+rx)"
+    )
     try:
         st = os.lstat(root)
     except FileNotFoundError:
@@ -175,6 +180,8 @@ def check_root(root: str) -> None:
             f"root {root!r} does not exist: create it with "
             f"'install -d -o root -g root -m 755 {root}'"
         ) from None
+    except PermissionError:
+        raise unreachable from None
     if stat.S_ISLNK(st.st_mode):
         raise ConfigError(
             f"root {root!r} is a symlink: give the real path {os.path.realpath(root)!r}"
@@ -185,13 +192,15 @@ def check_root(root: str) -> None:
         raise ConfigError(
             f"root {root!r} has a symlink above it: give the real path {os.path.realpath(root)!r}"
         )
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise unreachable
     path = os.path.normpath(root)
     while True:
         st = os.stat(path)
         writable_by_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         sticky = st.st_mode & stat.S_ISVTX
         if st.st_uid != 0 or (writable_by_others and not (path != root and sticky)):
-            what = "owned by uid %d" % st.st_uid if st.st_uid != 0 else "writable by others"
+            what = f"owned by uid {st.st_uid}" if st.st_uid != 0 else "writable by others"
             raise ConfigError(
                 f"root {root!r} is unsafe: {path!r} is {what} (mode {stat.S_IMODE(st.st_mode):04o})"
                 f": a jailed process could plant files; chown root:root {path!r} and chmod 755"
@@ -292,7 +301,7 @@ def _size(key: str, value: object) -> str:
         return ""
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
     if not isinstance(text, str) or not _SIZE.fullmatch(text):
-        raise ConfigError(f"{key} = {value!r}: expected a size such as \"64M\", or \"\" for none")
+        raise ConfigError(f'{key} = {value!r}: expected a size such as "64M", or "" for none')
     return text.upper()
 
 
@@ -302,7 +311,7 @@ def _str_tuple(key: str, value: object) -> tuple[str, ...]:
     items = tuple(value)
     for item in items:
         _str(key, item)
-    return items  # type: ignore[return-value]  # each item checked by _str above
+    return items  # type: ignore[return-value,unused-ignore]  # items checked by _str above
 
 
 def _str_mapping(key: str, value: object) -> dict[str, str]:
@@ -324,7 +333,9 @@ def _devices(value: object) -> tuple[str, ...]:
 
 def _path_map(value: object) -> dict[str, str]:
     mapping = _str_mapping("paths", value)
-    return {_absolute("paths", host): _absolute(f"paths.{host}", jail) for host, jail in mapping.items()}
+    return {
+        _absolute("paths", host): _absolute(f"paths.{host}", jail) for host, jail in mapping.items()
+    }
 
 
 def _exposures(value: object) -> tuple[Exposure, ...]:
@@ -353,6 +364,8 @@ def _exposures(value: object) -> tuple[Exposure, ...]:
         if not os.path.exists(host):
             raise ConfigError(f"expose.host {host!r} does not exist: create it or remove the entry")
         result.append(
-            Exposure(host=host, jail=jail, writable=_bool("expose.writable", item.get("writable", False)))
+            Exposure(
+                host=host, jail=jail, writable=_bool("expose.writable", item.get("writable", False))
+            )
         )
     return tuple(result)

@@ -25,6 +25,7 @@ import importlib.util
 import io
 import logging
 import os
+import pathlib
 import re
 import sys
 import sysconfig
@@ -32,13 +33,15 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources.abc import Traversable, TraversableResources
-from types import ModuleType
+from types import CodeType, ModuleType
 from typing import IO, Literal
 
 log = logging.getLogger(__name__)
 
 #: Largest single file kept (sources, package data, metadata).
 MAX_FILE = 2 * 1024 * 1024
+#: Deepest package nesting walked.
+MAX_DEPTH = 24
 #: Largest total of raw bytes read into a snapshot.
 MAX_TOTAL = 512 * 1024 * 1024
 
@@ -92,6 +95,7 @@ class Snapshot:
     loaded_extensions: set[str] = field(default_factory=set)
     raw_bytes: int = 0
     truncated: bool = False
+    _seen_dirs: set[tuple[int, int]] = field(default_factory=set)
 
     @classmethod
     def build(cls, path: Iterable[str] | None = None) -> Snapshot:
@@ -99,7 +103,9 @@ class Snapshot:
         snapshot = cls()
         for entry in dict.fromkeys(path if path is not None else sys.path):
             directory = os.path.abspath(entry or os.getcwd())
-            if os.path.isdir(directory):
+            if directory == "/":
+                log.warning("not walking '/' from sys.path for the import snapshot")
+            elif os.path.isdir(directory):
                 snapshot._scan_top(directory)
         return snapshot
 
@@ -140,7 +146,7 @@ class Snapshot:
 
     def _scan_top(self, directory: str) -> None:
         for item in _scandir(directory):
-            if item.name.endswith(_DIST_SUFFIXES) and item.is_dir():
+            if item.name.endswith(_DIST_SUFFIXES) and _is_dir(item):
                 if item.path not in self.listings:
                     self.distributions.append(item.path)
                     self._keep_tree(item.path, depth=1)
@@ -154,6 +160,13 @@ class Snapshot:
                 self._add_module(name, kind, item.path)
 
     def _scan_package(self, name: str, directory: str, *, top: bool = False) -> None:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in self._seen_dirs or name.count(".") >= MAX_DEPTH:
+            return  # a symlink loop, or absurdly deep
+        self._seen_dirs.add((st.st_dev, st.st_ino))
         init = os.path.join(directory, "__init__.py")
         existing = self.modules.get(name)
         if os.path.isfile(init):
@@ -177,7 +190,7 @@ class Snapshot:
                     self._scan_package(f"{name}.{child}", item.path)
             elif child is not None and child != "__init__":
                 self._add_module(f"{name}.{child}", kind, item.path)
-            elif item.is_file() and not item.name.endswith(SKIP_DATA_SUFFIXES):
+            elif not item.name.endswith(SKIP_DATA_SUFFIXES) and item.is_file():
                 self._keep(item.path)  # package data
         self.listings[directory] = listing
 
@@ -194,7 +207,7 @@ class Snapshot:
             listing.append(item.name)
             if item.is_file():
                 self._keep(item.path)
-            elif item.is_dir() and depth > 0:
+            elif depth > 0 and _is_dir(item):
                 self._keep_tree(item.path, depth - 1)
         self.listings[directory] = listing
 
@@ -212,7 +225,9 @@ class Snapshot:
         self.raw_bytes += len(data)
         if self.raw_bytes > MAX_TOTAL:
             self.truncated = True
-            log.warning("import snapshot stopped at %d bytes; %s and later are not kept", MAX_TOTAL, path)
+            log.warning(
+                "import snapshot stopped at %d bytes; %s and later are not kept", MAX_TOTAL, path
+            )
             return
         self.files[path] = zlib.compress(data, 1)
 
@@ -227,7 +242,7 @@ def _scandir(directory: str) -> list[os.DirEntry[str]]:
 
 def _module_name(item: os.DirEntry[str]) -> tuple[str | None, str]:
     name = item.name
-    if item.is_dir():
+    if _is_dir(item):
         return (name if name.isidentifier() else None), "package"
     if name.endswith(".py"):
         stem = name[:-3]
@@ -239,9 +254,18 @@ def _module_name(item: os.DirEntry[str]) -> tuple[str | None, str]:
     return None, "data"
 
 
+def _is_dir(item: os.DirEntry[str]) -> bool:
+    try:
+        return item.is_dir()
+    except OSError:
+        return False
+
+
 def _has_python(directory: str) -> bool:
+    """A namespace package portion: Python files in it, or regular packages right below it."""
     return any(
-        item.name.endswith(".py") or (item.is_dir() and item.name.isidentifier())
+        item.name.endswith(".py")
+        or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
         for item in _scandir(directory)
     )
 
@@ -270,7 +294,7 @@ class SnapshotLoader(importlib.abc.InspectLoader):
     def get_source(self, fullname: str) -> str:
         return importlib.util.decode_source(self.snapshot.read(self.path))
 
-    def get_code(self, fullname: str) -> object:
+    def get_code(self, fullname: str) -> CodeType:
         return compile(self.snapshot.read(self.path), self.path, "exec", dont_inherit=True)
 
     def exec_module(self, module: ModuleType) -> None:
@@ -359,8 +383,8 @@ class SnapshotDistribution(importlib.metadata.Distribution):
         except (FileNotFoundError, UnicodeDecodeError):
             return None
 
-    def locate_file(self, path: str | os.PathLike[str]) -> _SnapshotPath:
-        return _SnapshotPath(self.snapshot, os.path.join(os.path.dirname(self.path), path))
+    def locate_file(self, path: str | os.PathLike[str]) -> pathlib.Path:
+        return pathlib.Path(os.path.dirname(self.path), path)
 
 
 class _SnapshotPath(Traversable):
@@ -396,8 +420,9 @@ class _SnapshotPath(Traversable):
     def exists(self) -> bool:
         return self.is_dir() or self.is_file()
 
-    def joinpath(self, *descendants: str) -> _SnapshotPath:
-        return _SnapshotPath(self._snapshot, os.path.join(self._path, *descendants))
+    def joinpath(self, *descendants: str | os.PathLike[str]) -> _SnapshotPath:
+        parts = [os.fspath(part) for part in descendants]
+        return _SnapshotPath(self._snapshot, os.path.join(self._path, *parts))
 
     def __truediv__(self, child: str) -> _SnapshotPath:  # type: ignore[override]
         return self.joinpath(child)
@@ -405,7 +430,7 @@ class _SnapshotPath(Traversable):
     def read_bytes(self) -> bytes:
         return self._snapshot.read(self._path)
 
-    def read_text(self, encoding: str | None = None) -> str:  # type: ignore[override]
+    def read_text(self, encoding: str | None = None) -> str:
         return self.read_bytes().decode(encoding or "utf-8")
 
     def open(self, mode: str = "r", *args: object, **kwargs: object) -> IO[str] | IO[bytes]:  # type: ignore[override]

@@ -28,6 +28,7 @@ Example, in a plain process or a gunicorn ``post_fork`` hook::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import grp
 import logging
@@ -104,7 +105,7 @@ def enter_jail(
             )
         raise EntryError(f"entering the jail failed earlier in this process: {_state.error}")
     if _state is not None and _state.entered:
-        _state = JailState(**{**_dataclass_dict(_state), "pid": os.getpid()})
+        _state = dataclasses.replace(_state, pid=os.getpid())
         return _state  # a forked child of a jailed process is jailed as well
     try:
         if config is None:
@@ -206,11 +207,11 @@ def _identity(config: JailConfig, mode: str) -> view.Identity:
         if os.geteuid() != 0:
             raise EntryError(
                 f"mode 'privileged' needs root, but the worker runs as uid {os.geteuid()}: "
-                "use mode = \"rootless\" (or \"auto\")"
+                'use mode = "rootless" (or "auto")'
             )
         if config.user is None:
             raise EntryError(
-                "the worker runs as root: set user = \"www-data\" (or another unprivileged user) "
+                'the worker runs as root: set user = "www-data" (or another unprivileged user) '
                 "so that the jailed worker does not stay root"
             )
         entry = pwd.getpwnam(config.user)
@@ -220,7 +221,7 @@ def _identity(config: JailConfig, mode: str) -> view.Identity:
         if uid == 0:
             raise EntryError(
                 "mode 'rootless' as root would leave the jailed worker uid 0, owner of every "
-                "root-owned file it can see: use mode = \"privileged\" with user = \"www-data\""
+                'root-owned file it can see: use mode = "privileged" with user = "www-data"'
             )
         try:
             entry = pwd.getpwuid(uid)
@@ -251,7 +252,7 @@ def _unshare(flags: int, what: str) -> None:
                 "user namespaces are disabled here. Enable them (sysctl "
                 "kernel.unprivileged_userns_clone=1 on Debian, user.max_user_namespaces > 0, "
                 "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), or run the worker as "
-                "root with mode = \"privileged\" and user = \"www-data\""
+                'root with mode = "privileged" and user = "www-data"'
             ) from None
         raise EntryError(f"unshare of {what} failed: {exc}") from None
 
@@ -311,10 +312,6 @@ def _verify(identity: view.Identity) -> None:
             pass  # EPERM, or EINVAL where uid 0 is not mapped into the user namespace
     if problems:
         raise VerifyError("the jail does not hold: " + "; ".join(problems))
-
-
-def _dataclass_dict(state: JailState) -> dict[str, object]:
-    return {name: getattr(state, name) for name in state.__dataclass_fields__}
 
 
 def is_jailed() -> bool:

@@ -71,9 +71,7 @@ class ChrootMiddleware:
             self.error = str(exc)
             self._log_failure()
 
-    def __call__(
-        self, environ: WSGIEnvironment, start_response: StartResponse
-    ) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         state = current_state()
         if state is None or not state.entered or state.config is None or self.error:
             return self._unavailable(start_response)

@@ -57,7 +57,10 @@ def _translate(path: str, table: list[tuple[str, str]]) -> str | None:
     path = os.path.normpath(path)
     for prefix, replacement in table:
         if prefix == "/":
-            return os.path.normpath(replacement + path) if replacement != "/" else path
-        if path == prefix or path.startswith(prefix + "/"):
-            return os.path.normpath(replacement + path[len(prefix) :])
+            rest = path
+        elif path == prefix or path.startswith(prefix + "/"):
+            rest = path[len(prefix) :]
+        else:
+            continue
+        return replacement.rstrip("/") + rest or "/"
     return None

@@ -189,7 +189,9 @@ def _hosts(config: JailConfig) -> str:
 
 
 def _host_lines(lines: Iterable[str]) -> list[str]:
-    return [line.rstrip("\n") for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.rstrip("\n") for line in lines if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def _write(path: str, text: str) -> None:

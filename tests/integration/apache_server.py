@@ -148,7 +148,9 @@ class Apache:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"apache2 exited with {self.process.returncode}:\n{self.error_log()}")
+                raise RuntimeError(
+                    f"apache2 exited with {self.process.returncode}:\n{self.error_log()}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return self

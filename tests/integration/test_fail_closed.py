@@ -48,7 +48,10 @@ def test_privileged_mode_without_root(jail_root):
 
 
 def test_threads_already_running(jail_root):
-    started_thread = "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    started_thread = (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+    )
     with Apache(Site(script=started_thread + jailed_script(root=jail_root))) as apache:
         assert_fails_closed(apache, "the process has 2 threads; entering a jail needs exactly one")
 

@@ -19,7 +19,9 @@ from apache_server import APPS, free_port, world_readable_dir
 pytestmark = [pytest.mark.root]
 
 
-def start_gunicorn(directory: Path, root: str, *, enter_in_post_fork: bool) -> subprocess.Popen[bytes]:
+def start_gunicorn(
+    directory: Path, root: str, *, enter_in_post_fork: bool
+) -> subprocess.Popen[bytes]:
     port = free_port()
     (directory / "wsgi.py").write_text(
         textwrap.dedent(
@@ -46,7 +48,14 @@ def start_gunicorn(directory: Path, root: str, *, enter_in_post_fork: bool) -> s
     )
     with (directory / "stderr.log").open("w") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", str(directory / "gunicorn.conf.py"), "wsgi:application"],
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                str(directory / "gunicorn.conf.py"),
+                "wsgi:application",
+            ],
             cwd=directory,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -69,7 +78,9 @@ def start_gunicorn(directory: Path, root: str, *, enter_in_post_fork: bool) -> s
 @pytest.fixture(scope="module")
 def gunicorn(tmp_path_factory) -> Iterator[subprocess.Popen[bytes]]:
     jail = world_readable_dir("chrootwsgi-jail-")
-    process = start_gunicorn(tmp_path_factory.mktemp("gunicorn"), str(jail), enter_in_post_fork=True)
+    process = start_gunicorn(
+        tmp_path_factory.mktemp("gunicorn"), str(jail), enter_in_post_fork=True
+    )
     yield process
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
@@ -88,7 +99,16 @@ def test_workers_are_jailed_as_www_data(gunicorn, jail_root):
 
 
 @pytest.mark.parametrize(
-    "attempt", ["second_chroot", "fchdir_inherited", "mount", "write_root", "setuid_root", "proc_root", "unshare_user"]
+    "attempt",
+    [
+        "second_chroot",
+        "fchdir_inherited",
+        "mount",
+        "write_root",
+        "setuid_root",
+        "proc_root",
+        "unshare_user",
+    ],
 )
 def test_escape_attempt_fails(gunicorn, attempt):
     result = requests.get(gunicorn.url + "/escapes", timeout=10).json()[attempt]

@@ -38,9 +38,7 @@ def test_reloading_on_keeps_serving_and_touch_restarts_into_the_jail(jail_root):
 
 
 def test_hidden_script_with_reloading_on_is_explained(jail_root):
-    site = Site(
-        script=jailed_script(root=jail_root, expose_script=False), script_reloading=True
-    )
+    site = Site(script=jailed_script(root=jail_root, expose_script=False), script_reloading=True)
     with Apache(site) as apache:
         response = apache.get("/facts")
         assert response.status_code == 500

@@ -22,7 +22,11 @@ def main(argv: list[str]) -> None:
     if os.fork() == 0:  # stays in the initial namespace to write our maps
         os.close(ready_write)
         os.read(ready_read, 1)
-        for name, text in (("uid_map", "0 0 65536"), ("setgroups", "allow"), ("gid_map", "0 0 65536")):
+        for name, text in (
+            ("uid_map", "0 0 65536"),
+            ("setgroups", "allow"),
+            ("gid_map", "0 0 65536"),
+        ):
             with open(f"/proc/{parent}/{name}", "w") as file:
                 file.write(text)
         os._exit(0)

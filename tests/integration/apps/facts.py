@@ -13,14 +13,51 @@ import os
 import socket
 import sys
 
-
 #: Standard-library modules nothing imports on its own; each /facts request imports the next.
 FRESH_MODULES = (
-    "colorsys", "wave", "chunk", "netrc", "sched", "shelve", "tabnanny", "graphlib", "plistlib",
-    "mailbox", "fractions", "statistics", "filecmp", "fileinput", "ftplib", "poplib", "imaplib",
-    "nntplib", "smtplib", "telnetlib", "xdrlib", "aifc", "sunau", "sndhdr", "imghdr", "pipes",
-    "cgi", "cgitb", "mailcap", "optparse", "getopt", "pstats", "cProfile", "timeit", "trace",
-    "pdb", "difflib", "gettext", "calendar", "zipapp", "pyclbr", "modulefinder", "runpy",
+    "colorsys",
+    "wave",
+    "chunk",
+    "netrc",
+    "sched",
+    "shelve",
+    "tabnanny",
+    "graphlib",
+    "plistlib",
+    "mailbox",
+    "fractions",
+    "statistics",
+    "filecmp",
+    "fileinput",
+    "ftplib",
+    "poplib",
+    "imaplib",
+    "nntplib",
+    "smtplib",
+    "telnetlib",
+    "xdrlib",
+    "aifc",
+    "sunau",
+    "sndhdr",
+    "imghdr",
+    "pipes",
+    "cgi",
+    "cgitb",
+    "mailcap",
+    "optparse",
+    "getopt",
+    "pstats",
+    "cProfile",
+    "timeit",
+    "trace",
+    "pdb",
+    "difflib",
+    "gettext",
+    "calendar",
+    "zipapp",
+    "pyclbr",
+    "modulefinder",
+    "runpy",
 )
 
 
@@ -59,13 +96,22 @@ def facts(environ):
         "etc_passwd": _attempt(lambda: open("/etc/passwd").read()),
         "proc_exists": os.path.exists("/proc"),
         "cap_effective": _capabilities(),
-        "localhost": _attempt(lambda: sorted({a[4][0] for a in socket.getaddrinfo("localhost", 80)})),
+        "localhost": _attempt(
+            lambda: sorted({a[4][0] for a in socket.getaddrinfo("localhost", 80)})
+        ),
         "berlin": _attempt(lambda: str(zoneinfo.ZoneInfo("Europe/Berlin"))),
         "first_import": {"name": fresh, "file": module.__file__},
         "ca_certs": ssl.create_default_context().cert_store_stats()["x509_ca"],
-        "environ": {k: environ.get(k) for k in (
-            "DOCUMENT_ROOT", "CONTEXT_DOCUMENT_ROOT", "SCRIPT_FILENAME", "PATH_TRANSLATED",
-            "chrootwsgi.jailed")},
+        "environ": {
+            k: environ.get(k)
+            for k in (
+                "DOCUMENT_ROOT",
+                "CONTEXT_DOCUMENT_ROOT",
+                "SCRIPT_FILENAME",
+                "PATH_TRANSLATED",
+                "chrootwsgi.jailed",
+            )
+        },
     }
 
 
