@@ -91,6 +91,9 @@ class JailConfig:
     :param path_map: extra host prefix → jail prefix mappings for request paths.
     :param expose_script: under mod_wsgi, keep the WSGI script file visible (read-only) at its
         host path so that mod_wsgi's per-request stat and script reloading keep working.
+    :param snapshot_cache: directory where the import snapshot is stored once and mapped by every
+        worker; ``"auto"`` is ``/var/cache/chrootwsgi`` when writable, else a private
+        ``/tmp/chrootwsgi-UID``; ``""`` keeps a private copy in each worker's memory.
     :param app: ``"module:callable"`` for the packaged wrapper script; unused by the jail itself.
     """
 
@@ -109,6 +112,7 @@ class JailConfig:
     preload_files: tuple[str, ...] = ()
     path_map: Mapping[str, str] = field(default_factory=dict)
     expose_script: bool = True
+    snapshot_cache: str = "auto"
     app: str | None = None
 
     def resolved_mode(self) -> Literal["rootless", "privileged"]:
@@ -156,6 +160,7 @@ def load_config(path: str | None = None, /, **overrides: object) -> JailConfig:
         ),
         path_map=_path_map(values.get("path_map", {})),
         expose_script=_bool("expose_script", values.get("expose_script", True)),
+        snapshot_cache=_snapshot_cache(values.get("snapshot_cache", "auto")),
         app=_optional_str("app", values.get("app")),
     )
     check_root(config.root)
@@ -329,6 +334,15 @@ def _devices(value: object) -> tuple[str, ...]:
                 f"{', '.join(DEFAULT_DEVICES + ('tty',))}"
             )
     return devices
+
+
+def _snapshot_cache(value: object) -> str:
+    text = _str("snapshot_cache", value)
+    if text not in ("auto", "") and not os.path.isabs(text):
+        raise ConfigError(
+            f'snapshot_cache = {text!r}: give an absolute directory, "auto" or "" (none)'
+        )
+    return text
 
 
 def _path_map(value: object) -> dict[str, str]:

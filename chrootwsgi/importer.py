@@ -1,23 +1,16 @@
 """Keep every module importable after entry, without Python's files in the jail.
 
-Before entry, :meth:`Snapshot.build` walks ``sys.path`` once and keeps, zlib-compressed in memory,
-the source of every pure-Python module, the data files inside packages and the ``*.dist-info``
-metadata. C extension modules cannot be loaded from memory, so the dynamic linker loads them now
-(``dlopen``); ``import`` after entry finds them already loaded by path. After entry,
-:func:`install` puts a finder for the snapshot first on ``sys.meta_path`` and gives the modules
-already imported a loader that serves their source from memory, so tracebacks keep their source
-lines, ``importlib.resources`` and ``importlib.metadata`` keep working, and no directory
-descriptor to the host stays open.
-
-Not kept: test suites (``test``/``tests`` packages), ``pip``/``setuptools`` and similar tools,
-files larger than :data:`MAX_FILE` and, past :data:`MAX_TOTAL` bytes, anything further.
+After entry, :func:`install` puts a finder for the :class:`~chrootwsgi.snapshot.Snapshot` taken
+before entry first on ``sys.meta_path``, and gives the modules already imported a loader that
+serves their source from the snapshot, so tracebacks keep their source lines,
+``importlib.resources`` and ``importlib.metadata`` keep working, and no directory descriptor to the
+host stays open. C extension modules load by path: the dynamic linker already holds them.
 Extension modules of packages that were neither imported nor named in ``preload.modules`` are
 reported when imported, with the fix.
 """
 
 from __future__ import annotations
 
-import ctypes
 import importlib.abc
 import importlib.machinery
 import importlib.metadata
@@ -28,249 +21,14 @@ import os
 import pathlib
 import re
 import sys
-import sysconfig
-import zlib
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from importlib.resources.abc import Traversable, TraversableResources
 from types import CodeType, ModuleType
-from typing import IO, Literal
+from typing import IO
+
+from .snapshot import DIST_SUFFIXES, ModuleEntry, Snapshot
 
 log = logging.getLogger(__name__)
-
-#: Largest single file kept (sources, package data, metadata).
-MAX_FILE = 2 * 1024 * 1024
-#: Deepest package nesting walked.
-MAX_DEPTH = 24
-#: Largest total of raw bytes read into a snapshot.
-MAX_TOTAL = 512 * 1024 * 1024
-
-#: Top-level names never kept: test suites and packaging tools a web worker does not import.
-SKIP_TOP_LEVEL = frozenset(
-    {
-        "test",
-        "tests",
-        "idlelib",
-        "turtledemo",
-        "lib2to3",
-        "ensurepip",
-        "pip",
-        "setuptools",
-        "pkg_resources",
-        "_distutils_hack",
-        "wheel",
-    }
-)
-#: Package data never read at run time: type stubs, C and Cython sources, compiled code.
-SKIP_DATA_SUFFIXES = (".pyi", ".pyc", ".pyo", ".pyx", ".pxd", ".c", ".h", ".cpp", ".so", ".a", ".o")
-#: Sub-package names never kept below any package.
-SKIP_NESTED = frozenset({"test", "tests", "__pycache__"})
-
-_EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
-_DIST_SUFFIXES = (".dist-info", ".egg-info")
-Kind = Literal["source", "extension", "namespace"]
-
-
-@dataclass(frozen=True, slots=True)
-class ModuleEntry:
-    """One importable module: where it lived on the host and how to load it."""
-
-    kind: Kind
-    path: str
-    search: tuple[str, ...] = ()
-
-    @property
-    def is_package(self) -> bool:
-        return self.kind == "namespace" or bool(self.search)
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """Sources, package data and metadata of the importable modules, compressed in memory."""
-
-    modules: dict[str, ModuleEntry] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
-    listings: dict[str, list[str]] = field(default_factory=dict)
-    distributions: list[str] = field(default_factory=list)
-    loaded_extensions: set[str] = field(default_factory=set)
-    raw_bytes: int = 0
-    truncated: bool = False
-    _seen_dirs: set[tuple[int, int]] = field(default_factory=set)
-
-    @classmethod
-    def build(cls, path: Iterable[str] | None = None) -> Snapshot:
-        """Walk *path* (default ``sys.path``) the way the path finder would."""
-        snapshot = cls()
-        for entry in dict.fromkeys(path if path is not None else sys.path):
-            directory = os.path.abspath(entry or os.getcwd())
-            if directory == "/":
-                log.warning("not walking '/' from sys.path for the import snapshot")
-            elif os.path.isdir(directory):
-                snapshot._scan_top(directory)
-        return snapshot
-
-    @property
-    def compressed_bytes(self) -> int:
-        return sum(map(len, self.files.values()))
-
-    def read(self, path: str) -> bytes:
-        """The content of a kept file, by its host path; :class:`FileNotFoundError` if not kept."""
-        try:
-            return zlib.decompress(self.files[path])
-        except KeyError:
-            raise FileNotFoundError(2, "not kept in the import snapshot", path) from None
-
-    def load_extensions(self, modules: Iterable[str] = ()) -> None:
-        """dlopen the extension modules an import after entry may need.
-
-        All of the standard library's, and those of packages already imported or named in
-        *modules*. Loading is cheap (shared, mostly untouched pages) and runs no module code.
-        """
-        stdlib = sysconfig.get_path("platstdlib")
-        wanted = {name.partition(".")[0] for name in sys.modules} | {
-            name.partition(".")[0] for name in modules
-        }
-        for name, entry in self.modules.items():
-            if entry.kind != "extension":
-                continue
-            if not (entry.path.startswith(stdlib + os.sep) or name.partition(".")[0] in wanted):
-                continue
-            try:
-                ctypes.CDLL(entry.path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
-            except OSError as exc:
-                log.debug("extension %s not loadable: %s", name, exc)
-                continue
-            self.loaded_extensions.add(entry.path)
-
-    # -- scanning -------------------------------------------------------------------------
-
-    def _scan_top(self, directory: str) -> None:
-        for item in _scandir(directory):
-            if item.name.endswith(_DIST_SUFFIXES) and _is_dir(item):
-                if item.path not in self.listings:
-                    self.distributions.append(item.path)
-                    self._keep_tree(item.path, depth=1)
-                continue
-            name, kind = _module_name(item)
-            if name is None or name in SKIP_TOP_LEVEL:
-                continue
-            if kind == "package":
-                self._scan_package(name, item.path, top=True)
-            elif name not in self.modules:
-                self._add_module(name, kind, item.path)
-
-    def _scan_package(self, name: str, directory: str, *, top: bool = False) -> None:
-        try:
-            st = os.stat(directory)
-        except OSError:
-            return
-        if (st.st_dev, st.st_ino) in self._seen_dirs or name.count(".") >= MAX_DEPTH:
-            return  # a symlink loop, or absurdly deep
-        self._seen_dirs.add((st.st_dev, st.st_ino))
-        init = os.path.join(directory, "__init__.py")
-        existing = self.modules.get(name)
-        if os.path.isfile(init):
-            if existing is not None and existing.kind != "namespace":
-                return  # an earlier sys.path entry wins, as with the path finder
-            self.modules[name] = ModuleEntry("source", init, (directory,))
-            self._keep(init)
-        elif existing is None or existing.kind == "namespace":
-            if top and not _has_python(directory):
-                return  # a plain directory (static files, node_modules), not a package
-            search = (existing.search if existing else ()) + (directory,)
-            self.modules[name] = ModuleEntry("namespace", directory, search)
-        else:
-            return
-        listing: list[str] = []
-        for item in _scandir(directory):
-            listing.append(item.name)
-            child, kind = _module_name(item)
-            if kind == "package" and child is not None:
-                if child not in SKIP_NESTED:
-                    self._scan_package(f"{name}.{child}", item.path)
-            elif child is not None and child != "__init__":
-                self._add_module(f"{name}.{child}", kind, item.path)
-            elif not item.name.endswith(SKIP_DATA_SUFFIXES) and item.is_file():
-                self._keep(item.path)  # package data
-        self.listings[directory] = listing
-
-    def _add_module(self, name: str, kind: str, path: str) -> None:
-        if kind == "extension":
-            self.modules.setdefault(name, ModuleEntry("extension", path))
-        elif name not in self.modules or self.modules[name].kind == "namespace":
-            self.modules[name] = ModuleEntry("source", path)
-            self._keep(path)
-
-    def _keep_tree(self, directory: str, depth: int) -> None:
-        listing = []
-        for item in _scandir(directory):
-            listing.append(item.name)
-            if item.is_file():
-                self._keep(item.path)
-            elif depth > 0 and _is_dir(item):
-                self._keep_tree(item.path, depth - 1)
-        self.listings[directory] = listing
-
-    def _keep(self, path: str) -> None:
-        if path in self.files or self.truncated:
-            return
-        try:
-            with open(path, "rb") as file:
-                data = file.read(MAX_FILE + 1)
-        except OSError:
-            return
-        if len(data) > MAX_FILE:
-            log.debug("not kept, larger than %d bytes: %s", MAX_FILE, path)
-            return
-        self.raw_bytes += len(data)
-        if self.raw_bytes > MAX_TOTAL:
-            self.truncated = True
-            log.warning(
-                "import snapshot stopped at %d bytes; %s and later are not kept", MAX_TOTAL, path
-            )
-            return
-        self.files[path] = zlib.compress(data, 1)
-
-
-def _scandir(directory: str) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as items:
-            return sorted(items, key=lambda item: item.name)
-    except OSError:
-        return []
-
-
-def _module_name(item: os.DirEntry[str]) -> tuple[str | None, str]:
-    name = item.name
-    if _is_dir(item):
-        return (name if name.isidentifier() else None), "package"
-    if name.endswith(".py"):
-        stem = name[:-3]
-        return (stem if stem.isidentifier() else None), "source"
-    for suffix in _EXTENSION_SUFFIXES:
-        if name.endswith(suffix):
-            stem = name[: -len(suffix)]
-            return (stem if stem.isidentifier() else None), "extension"
-    return None, "data"
-
-
-def _is_dir(item: os.DirEntry[str]) -> bool:
-    try:
-        return item.is_dir()
-    except OSError:
-        return False
-
-
-def _has_python(directory: str) -> bool:
-    """A namespace package portion: Python files in it, or regular packages right below it."""
-    return any(
-        item.name.endswith(".py")
-        or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
-        for item in _scandir(directory)
-    )
-
-
-# -- after entry ------------------------------------------------------------------------------
 
 
 class SnapshotLoader(importlib.abc.InspectLoader):
@@ -415,7 +173,7 @@ class _SnapshotPath(Traversable):
         return self._path in self._snapshot.listings
 
     def is_file(self) -> bool:
-        return self._path in self._snapshot.files
+        return self._snapshot.is_file(self._path)
 
     def exists(self) -> bool:
         return self.is_dir() or self.is_file()
@@ -478,7 +236,7 @@ def install(snapshot: Snapshot) -> SnapshotFinder:
 
 def _dist_name(path: str) -> str:
     stem = os.path.basename(path)
-    for suffix in _DIST_SUFFIXES:
+    for suffix in DIST_SUFFIXES:
         stem = stem.removesuffix(suffix)
     return stem.partition("-")[0]
 

@@ -43,6 +43,7 @@ from typing import Literal
 from . import fds, importer, linux, preload, view
 from .config import JailConfig, load_config
 from .errors import ChrootWSGIError, EntryError, VerifyError
+from .snapshot import Snapshot, default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         user_uid=identity.uid,
     )
     mark("preload")
-    snapshot = importer.Snapshot.build()
+    snapshot = Snapshot.build(cache_dir=_cache_dir(config))
     snapshot.load_extensions(config.preload_modules)
     mark("snapshot")
     read_only = preload.data_files() + list(config.preload_files)
@@ -166,7 +167,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
     _verify(identity)
     seconds = time.perf_counter() - started
     log.info(
-        "pid %d: entered jail %s (%s) as uid %d in %.1f ms; %d modules kept (%d KiB)",
+        "pid %d: entered jail %s (%s) as uid %d in %.1f ms; %d modules kept (%d KiB, %s)",
         os.getpid(),
         config.root,
         mode,
@@ -174,6 +175,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         seconds * 1000,
         len(snapshot.modules),
         snapshot.compressed_bytes // 1024,
+        snapshot.origin,
     )
     return JailState(
         config=config,
@@ -190,6 +192,12 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         snapshot_bytes=snapshot.compressed_bytes,
         timings=timings,
     )
+
+
+def _cache_dir(config: JailConfig) -> str | None:
+    if config.snapshot_cache == "auto":
+        return default_cache_dir()
+    return config.snapshot_cache or None
 
 
 def _check_threads() -> None:

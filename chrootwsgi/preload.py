@@ -34,8 +34,9 @@ from .errors import PreloadError
 log = logging.getLogger(__name__)
 
 #: Libraries glibc may dlopen after entry: NSS backends, the resolver, and libgcc_s, which
-#: pthread_exit and thread cancellation load on first use.
-DEFAULT_LIBRARIES = ("nss_files", "nss_dns", "resolv", "gcc_s")
+#: pthread_exit and thread cancellation load on first use. Loaded by soname, so the dynamic
+#: linker finds them where glibc itself would.
+DEFAULT_LIBRARIES = ("libnss_files.so.2", "libnss_dns.so.2", "libresolv.so.2", "libgcc_s.so.1")
 
 #: Codecs looked up by name at run time (``bytes.decode("cp1252")``, IDNA host names).
 DEFAULT_CODECS = (
@@ -158,7 +159,6 @@ def _warm_lazy_state(user_uid: int | None) -> None:
     import uuid
 
     uuid.getnode()
-    ssl.create_default_context()  # loads the OpenSSL configuration file once
     if user_uid is not None:
         import grp
         import pwd

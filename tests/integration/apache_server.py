@@ -64,6 +64,7 @@ class Site:
     extra_config: str = ""
     files: dict[str, str] = field(default_factory=dict)
     launcher: list[str] = field(default_factory=list)
+    python_path: tuple[str, ...] = (str(APPS),)
 
 
 class Apache:
@@ -84,7 +85,7 @@ class Apache:
     def config(self) -> str:
         site = self.site
         venv = sys.prefix
-        python_path = str(APPS)
+        python_path = ":".join(site.python_path)
         daemon = (
             f"WSGIDaemonProcess app user={site.user} group={site.user} "
             f"processes={site.processes} threads={site.threads} "

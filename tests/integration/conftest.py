@@ -10,6 +10,16 @@ import pytest
 from apache_server import world_readable_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def snapshot_caches() -> Iterator[None]:
+    """Remove the default snapshot cache directories the jailed workers created, if they did."""
+    caches = [f"/tmp/chrootwsgi-{uid}" for uid in (0, 33, 65534)]
+    existing = {path for path in caches if os.path.exists(path)}
+    yield
+    for path in set(caches) - existing:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
 def jail_root() -> Iterator[str]:
     """A fresh, EMPTY jail directory owned by root, mode 755."""

@@ -12,7 +12,8 @@ import traceback
 
 import pytest
 
-from chrootwsgi.importer import Snapshot, SnapshotFinder
+from chrootwsgi.importer import SnapshotFinder
+from chrootwsgi.snapshot import Snapshot
 
 
 @pytest.fixture

@@ -1,0 +1,423 @@
+"""The import snapshot: what of ``sys.path`` a jailed process can still import, read before entry.
+
+:meth:`Snapshot.build` walks ``sys.path`` once, the way the path finder would, and keeps the
+source of every pure-Python module, the data files inside packages and the ``*.dist-info``
+metadata, each zlib-compressed. C extension modules are recorded by path: the dynamic linker
+loads them before entry (:meth:`Snapshot.load_extensions`), as it cannot load them from memory.
+
+Not kept: test suites (``test``/``tests`` packages), ``pip``/``setuptools`` and similar tools,
+type stubs and C sources, files larger than :data:`MAX_FILE` and, past :data:`MAX_TOTAL` bytes,
+anything further.
+
+Workers of one site would each read and compress the same files, so a snapshot is stored once
+in a cache directory and mapped read-only (``mmap``) by every worker: the pages are shared, and a
+worker only touches those it imports from. The cache file is keyed by the Python version, the
+path and the size and modification time of every kept file, so any change builds a new one.
+Its layout::
+
+    +----------+--------------------------+----------------------+-----------------+----------+
+    | MAGIC 8B | zlib blobs, back to back | marshal(index) bytes | index offset 8B | MAGIC 8B |
+    +----------+--------------------------+----------------------+-----------------+----------+
+
+    index = {host path: (offset, length)}; offsets count from the start of the file.
+
+A cache file is used only when it and its directory are owned by root or the worker and
+writable by nobody else. The mapping stays valid after ``chroot``; no descriptor stays open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.machinery
+import logging
+import marshal
+import mmap
+import os
+import stat
+import struct
+import sys
+import sysconfig
+import tempfile
+import time
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+#: Largest single file kept (sources, package data, metadata).
+MAX_FILE = 2 * 1024 * 1024
+#: Largest total of raw bytes read into a snapshot.
+MAX_TOTAL = 512 * 1024 * 1024
+#: Deepest package nesting walked.
+MAX_DEPTH = 24
+#: Cache files unused for this long are removed when a new one is written.
+CACHE_MAX_AGE = 7 * 24 * 3600
+
+MAGIC = b"CWSNAP1\n"
+_TRAILER = struct.Struct("<Q8s")
+
+#: Top-level names never kept: test suites and packaging tools a web worker does not import.
+SKIP_TOP_LEVEL = frozenset(
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "turtledemo",
+        "lib2to3",
+        "ensurepip",
+        "pip",
+        "setuptools",
+        "pkg_resources",
+        "_distutils_hack",
+        "wheel",
+    }
+)
+#: Package data never read at run time: type stubs, C and Cython sources, compiled code.
+SKIP_DATA_SUFFIXES = (".pyi", ".pyc", ".pyo", ".pyx", ".pxd", ".c", ".h", ".cpp", ".so", ".a", ".o")
+#: Sub-package names never kept below any package.
+SKIP_NESTED = frozenset({"test", "tests", "__pycache__"})
+
+_EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+DIST_SUFFIXES = (".dist-info", ".egg-info")
+Kind = Literal["source", "extension", "namespace"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleEntry:
+    """One importable module: where it lived on the host and how to load it."""
+
+    kind: Kind
+    path: str
+    search: tuple[str, ...] = ()
+
+    @property
+    def is_package(self) -> bool:
+        return self.kind == "namespace" or bool(self.search)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Modules, directory listings and compressed file contents, as they were before entry.
+
+    :param origin: ``"built"``, ``"cached"`` (mapped from a cache file) or ``"memory"``.
+    """
+
+    modules: dict[str, ModuleEntry] = field(default_factory=dict)
+    listings: dict[str, list[str]] = field(default_factory=dict)
+    distributions: list[str] = field(default_factory=list)
+    index: dict[str, tuple[int, int]] = field(default_factory=dict)
+    data: bytes | mmap.mmap = b""
+    origin: str = "memory"
+    loaded_extensions: set[str] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, path: Iterable[str] | None = None, *, cache_dir: str | None = None) -> Snapshot:
+        """Walk *path* (default ``sys.path``); reuse or write a cache file in *cache_dir*."""
+        entries = list(dict.fromkeys(path if path is not None else sys.path))
+        walker = _Walker()
+        for entry in entries:
+            directory = os.path.abspath(entry or os.getcwd())
+            if directory == "/":
+                log.warning("not walking '/' from sys.path for the import snapshot")
+            elif os.path.isdir(directory):
+                walker.scan(directory)
+        snapshot = cls(
+            modules=walker.modules, listings=walker.listings, distributions=walker.distributions
+        )
+        cache_file = None
+        if cache_dir is not None and _trusted(cache_dir, directory=True):
+            cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries, walker)}.bin")
+            if snapshot._map(cache_file):
+                snapshot.origin = "cached"
+                return snapshot
+        snapshot.data, snapshot.index = _pack(walker.keep)
+        if cache_file is not None and _write(cache_file, snapshot.data, snapshot.index):
+            snapshot._map(cache_file)
+        snapshot.origin = "built"
+        return snapshot
+
+    @property
+    def compressed_bytes(self) -> int:
+        return len(self.data)
+
+    def read(self, path: str) -> bytes:
+        """The content of a kept file, by its host path; :class:`FileNotFoundError` if not kept."""
+        try:
+            offset, length = self.index[path]
+        except KeyError:
+            raise FileNotFoundError(2, "not kept in the import snapshot", path) from None
+        return zlib.decompress(self.data[offset : offset + length])
+
+    def is_file(self, path: str) -> bool:
+        return path in self.index
+
+    def load_extensions(self, modules: Iterable[str] = ()) -> None:
+        """dlopen the extension modules an import after entry may need.
+
+        All of the standard library's, and those of packages already imported or named in
+        *modules*. Loading is cheap (shared, mostly untouched pages) and runs no module code.
+        """
+        stdlib = sysconfig.get_path("platstdlib")
+        wanted = {name.partition(".")[0] for name in sys.modules} | {
+            name.partition(".")[0] for name in modules
+        }
+        for name, entry in self.modules.items():
+            if entry.kind != "extension":
+                continue
+            if not (entry.path.startswith(stdlib + os.sep) or name.partition(".")[0] in wanted):
+                continue
+            try:
+                ctypes.CDLL(entry.path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
+            except OSError as exc:
+                log.debug("extension %s not loadable: %s", name, exc)
+                continue
+            self.loaded_extensions.add(entry.path)
+
+    def _map(self, cache_file: str) -> bool:
+        """Map a trusted cache file and read its index; False if it is missing or unusable."""
+        try:
+            fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            if not _trusted(cache_file, fd=fd):
+                return False
+            mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        except (OSError, ValueError):
+            return False
+        finally:
+            os.close(fd)
+        try:
+            offset, magic = _TRAILER.unpack(mapped[-_TRAILER.size :])
+            if mapped[: len(MAGIC)] != MAGIC or magic != MAGIC:
+                raise ValueError("bad magic")
+            index = marshal.loads(mapped[offset : -_TRAILER.size])
+            if not isinstance(index, dict):
+                raise ValueError("bad index")
+        except (ValueError, EOFError, TypeError, struct.error) as exc:
+            log.warning("ignoring damaged snapshot cache %s: %s", cache_file, exc)
+            mapped.close()
+            return False
+        self.data, self.index = mapped, index
+        return True
+
+
+class _Walker:
+    """Finds modules, packages, package data and metadata below ``sys.path`` directories."""
+
+    def __init__(self) -> None:
+        self.modules: dict[str, ModuleEntry] = {}
+        self.listings: dict[str, list[str]] = {}
+        self.distributions: list[str] = []
+        self.keep: dict[str, tuple[int, int]] = {}
+        self._seen_dirs: set[tuple[int, int]] = set()
+
+    def scan(self, directory: str) -> None:
+        for item in _scandir(directory):
+            if item.name.endswith(DIST_SUFFIXES) and _is_dir(item):
+                if item.path not in self.listings:
+                    self.distributions.append(item.path)
+                    self._keep_tree(item.path, depth=1)
+                continue
+            name, kind = _module_name(item)
+            if name is None or name in SKIP_TOP_LEVEL:
+                continue
+            if kind == "package":
+                self._scan_package(name, item.path, top=True)
+            elif name not in self.modules:
+                self._add_module(name, kind, item.path)
+
+    def _scan_package(self, name: str, directory: str, *, top: bool = False) -> None:
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino) in self._seen_dirs or name.count(".") >= MAX_DEPTH:
+            return  # a symlink loop, or absurdly deep
+        self._seen_dirs.add((st.st_dev, st.st_ino))
+        init = os.path.join(directory, "__init__.py")
+        existing = self.modules.get(name)
+        if os.path.isfile(init):
+            if existing is not None and existing.kind != "namespace":
+                return  # an earlier sys.path entry wins, as with the path finder
+            self.modules[name] = ModuleEntry("source", init, (directory,))
+            self._keep(init)
+        elif existing is None or existing.kind == "namespace":
+            if top and not _has_python(directory):
+                return  # a plain directory (static files, node_modules), not a package
+            search = (existing.search if existing else ()) + (directory,)
+            self.modules[name] = ModuleEntry("namespace", directory, search)
+        else:
+            return
+        listing: list[str] = []
+        for item in _scandir(directory):
+            listing.append(item.name)
+            child, kind = _module_name(item)
+            if kind == "package" and child is not None:
+                if child not in SKIP_NESTED:
+                    self._scan_package(f"{name}.{child}", item.path)
+            elif child is not None and child != "__init__":
+                self._add_module(f"{name}.{child}", kind, item.path)
+            elif not item.name.endswith(SKIP_DATA_SUFFIXES) and item.is_file():
+                self._keep(item.path)  # package data
+        self.listings[directory] = listing
+
+    def _add_module(self, name: str, kind: str, path: str) -> None:
+        if kind == "extension":
+            self.modules.setdefault(name, ModuleEntry("extension", path))
+        elif name not in self.modules or self.modules[name].kind == "namespace":
+            self.modules[name] = ModuleEntry("source", path)
+            self._keep(path)
+
+    def _keep_tree(self, directory: str, depth: int) -> None:
+        listing = []
+        for item in _scandir(directory):
+            listing.append(item.name)
+            if item.is_file():
+                self._keep(item.path)
+            elif depth > 0 and _is_dir(item):
+                self._keep_tree(item.path, depth - 1)
+        self.listings[directory] = listing
+
+    def _keep(self, path: str) -> None:
+        if path in self.keep:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        if st.st_size > MAX_FILE:
+            log.debug("not kept, larger than %d bytes: %s", MAX_FILE, path)
+            return
+        self.keep[path] = (st.st_size, st.st_mtime_ns)
+
+
+def _scandir(directory: str) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as items:
+            return sorted(items, key=lambda item: item.name)
+    except OSError:
+        return []
+
+
+def _module_name(item: os.DirEntry[str]) -> tuple[str | None, str]:
+    name = item.name
+    if _is_dir(item):
+        return (name if name.isidentifier() else None), "package"
+    if name.endswith(".py"):
+        stem = name[:-3]
+        return (stem if stem.isidentifier() else None), "source"
+    for suffix in _EXTENSION_SUFFIXES:
+        if name.endswith(suffix):
+            stem = name[: -len(suffix)]
+            return (stem if stem.isidentifier() else None), "extension"
+    return None, "data"
+
+
+def _is_dir(item: os.DirEntry[str]) -> bool:
+    try:
+        return item.is_dir()
+    except OSError:
+        return False
+
+
+def _has_python(directory: str) -> bool:
+    """A namespace package portion: Python files in it, or regular packages right below it."""
+    return any(
+        item.name.endswith(".py")
+        or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
+        for item in _scandir(directory)
+    )
+
+
+def _key(entries: list[str], walker: _Walker) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in (sys.version, entries, sorted(walker.keep.items()), sorted(walker.modules.items())):
+        digest.update(repr(part).encode())
+    return digest.hexdigest()
+
+
+def _pack(keep: dict[str, tuple[int, int]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    chunks = [MAGIC]
+    index: dict[str, tuple[int, int]] = {}
+    offset = len(MAGIC)
+    total = 0
+    for path in keep:
+        try:
+            with open(path, "rb") as file:
+                raw = file.read(MAX_FILE + 1)
+        except OSError:
+            continue
+        total += len(raw)
+        if total > MAX_TOTAL:
+            log.warning(
+                "import snapshot stopped at %d bytes; %s and later are not kept", MAX_TOTAL, path
+            )
+            break
+        blob = zlib.compress(raw, 1)
+        index[path] = (offset, len(blob))
+        chunks.append(blob)
+        offset += len(blob)
+    chunks.append(marshal.dumps(index))
+    chunks.append(_TRAILER.pack(offset, MAGIC))
+    return b"".join(chunks), index
+
+
+def _write(cache_file: str, data: bytes, index: dict[str, tuple[int, int]]) -> bool:
+    """Write *data* to *cache_file* atomically; prune cache files unused for a week."""
+    directory = os.path.dirname(cache_file)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".snapshot-", dir=directory)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, cache_file)
+    except OSError as exc:
+        log.warning("cannot write the import snapshot cache %s: %s", cache_file, exc)
+        return False
+    cutoff = time.time() - CACHE_MAX_AGE
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if name.startswith("snapshot-") and os.stat(path).st_atime < cutoff:
+                os.unlink(path)
+        except OSError:
+            continue
+    return True
+
+
+def _trusted(path: str, *, directory: bool = False, fd: int | None = None) -> bool:
+    """Owned by root or this user, writable by no one else: safe to execute code from."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.lstat(path)
+    except OSError:
+        return False
+    kind_ok = stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)
+    if kind_ok and st.st_uid in (0, os.geteuid()) and not st.st_mode & 0o022:
+        return True
+    log.warning(
+        "not using %s for the import snapshot cache: it must be a %s owned by root or uid %d "
+        "and writable by no one else",
+        path,
+        "directory" if directory else "regular file",
+        os.geteuid(),
+    )
+    return False
+
+
+def default_cache_dir() -> str | None:
+    """``/var/cache/chrootwsgi`` when it is usable, else a private ``/tmp/chrootwsgi-UID``."""
+    system = "/var/cache/chrootwsgi"
+    if os.path.isdir(system) and os.access(system, os.W_OK):
+        return system
+    private = f"/tmp/chrootwsgi-{os.geteuid()}"
+    try:
+        os.mkdir(private, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    return private if _trusted(private, directory=True) else None
