@@ -97,17 +97,27 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def run_upstream(tmp_path: Path, *, host: str = "127.0.0.2", mode: str = "normal",
-                 label: str = "upstream") -> Iterator[Upstream]:
+def run_upstream(
+    tmp_path: Path, *, host: str = "127.0.0.2", mode: str = "normal", label: str = "upstream"
+) -> Iterator[Upstream]:
     """Start a test upstream on a free port of ``host``; stop it on exit."""
     port = free_port(host)
     out = tmp_path / f"{label}.out"
     query_log = tmp_path / f"{label}.queries"
     with open(out, "wb") as sink:
         proc = subprocess.Popen(
-            [sys.executable, str(UPSTREAM_SCRIPT), "--listen", f"{host}:{port}",
-             "--log", str(query_log), "--mode", mode],
-            stdout=sink, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                str(UPSTREAM_SCRIPT),
+                "--listen",
+                f"{host}:{port}",
+                "--log",
+                str(query_log),
+                "--mode",
+                mode,
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     try:
         _wait_for(out, r"ready", proc, f"test upstream on {host}:{port}")
@@ -125,8 +135,15 @@ class Stub:
     proc: subprocess.Popen[bytes]
     log: Path
 
-    def query(self, name: str, rdtype: str = "A", *, tcp: bool = False,
-              timeout: float = 8.0, **kwargs: object) -> dns.message.Message:
+    def query(
+        self,
+        name: str,
+        rdtype: str = "A",
+        *,
+        tcp: bool = False,
+        timeout: float = 8.0,
+        **kwargs: object,
+    ) -> dns.message.Message:
         """Ask the stub with dnspython."""
         message = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
         if tcp:
@@ -137,11 +154,15 @@ class Stub:
         """Run ``dig`` against the stub; return its stdout."""
         done = subprocess.run(
             [DIG, f"@{self.host}", "-p", str(self.port), "+time=8", "+tries=1", *args],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         if check and done.returncode != 0:
-            raise AssertionError(f"dig {' '.join(args)} failed ({done.returncode}):\n"
-                                 f"{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"dig {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
         return done.stdout
 
     def alive(self) -> bool:
@@ -152,8 +173,11 @@ DIG = shutil.which("dig") or "/usr/bin/dig"
 
 
 def write_config(path: Path, *, listen: str, upstreams: list[str], **extra: object) -> Path:
-    lines = ["[dns]", f'listen = "{listen}"',
-             "upstreams = [" + ", ".join(f'"{u}"' for u in upstreams) + "]"]
+    lines = [
+        "[dns]",
+        f'listen = "{listen}"',
+        "upstreams = [" + ", ".join(f'"{u}"' for u in upstreams) + "]",
+    ]
     for key, value in extra.items():
         if isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
@@ -168,8 +192,15 @@ def write_config(path: Path, *, listen: str, upstreams: list[str], **extra: obje
 
 
 @contextlib.contextmanager
-def run_stub(tmp_path: Path, upstreams: list[str], *, host: str = "127.0.0.1",
-             port: int | None = None, label: str = "stub", **extra: object) -> Iterator[Stub]:
+def run_stub(
+    tmp_path: Path,
+    upstreams: list[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    label: str = "stub",
+    **extra: object,
+) -> Iterator[Stub]:
     """Start ``python -m chroot_helper.services.dns`` on a free port; stop it on exit."""
     port = port if port is not None else free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -179,7 +210,8 @@ def run_stub(tmp_path: Path, upstreams: list[str], *, host: str = "127.0.0.1",
     with open(log, "wb") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "chroot_helper.services.dns", "--config", str(config)],
-            stdout=sink, stderr=subprocess.STDOUT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     try:
         _wait_for(log, r"dns stub ready on", proc, f"DNS stub on {listen}")

@@ -23,8 +23,8 @@ import argparse
 import asyncio
 import signal
 import struct
-from typing import cast
 import sys
+from typing import cast
 
 import dns.exception
 import dns.flags
@@ -112,7 +112,9 @@ class Upstream:
         question = query.question[0] if query.question else None
         name = question.name if question is not None else "-"
         rtype = dns.rdatatype.to_text(question.rdtype) if question is not None else "-"
-        self.log.write(f"query proto={proto} id={query.id} sport={sport} name={name} type={rtype}\n")
+        self.log.write(
+            f"query proto={proto} id={query.id} sport={sport} name={name} type={rtype}\n"
+        )
 
     def answer(self, data: bytes, proto: str, sport: int) -> list[bytes]:
         try:
