@@ -144,7 +144,7 @@ def parse_resolv_conf(text: str) -> list[str]:
     servers = []
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
+        if len(fields) >= 2 and fields[0] == "nameserver" and "%" not in fields[1]:
             try:
                 servers.append(ipaddress.ip_address(fields[1]).compressed)
             except ValueError:

@@ -26,8 +26,8 @@ import errno
 import logging
 import socket
 import struct
-from typing import cast
 import time
+from typing import cast
 
 from ...errors import ListenError
 from .config import DnsConfig
