@@ -395,10 +395,18 @@ def test_address_in_use_exits_with_message(tmp_path, stub, upstream):
     assert "address already in use" in done.stderr and "dns.listen" in done.stderr
 
 
-def test_ipv6_loopback_listener(tmp_path, upstream):
-    with run_stub(tmp_path, [upstream.address], host="::1") as stub:
-        assert short(stub, "a.test") == ["192.0.2.1"]
-        assert stub.query("a.test", tcp=True).rcode() == dns.rcode.NOERROR
+def test_ipv6_loopback_and_periodic_stats(tmp_path):
+    with (
+        run_upstream(tmp_path, host="::1", label="up6") as upstream6,
+        run_stub(tmp_path, [upstream6.address], host="::1", stats_interval=0.2) as stub,
+    ):
+        assert short(stub, "a.test", "AAAA") == ["2001:db8::1"]
+        assert stub.query("a.test", "AAAA", tcp=True).rcode() == dns.rcode.NOERROR
+        assert len(upstream6.queries("a.test.")) == 1
+        deadline = time.monotonic() + 5
+        while "dns stats: queries=2 " not in stub.log.read_text():
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
 
 
 def test_workers_share_the_address(tmp_path, upstream):

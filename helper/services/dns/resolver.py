@@ -49,7 +49,7 @@ from .wire import (
     parse_plain_query,
 )
 
-__all__ = ["HOSTS_TTL", "Resolver"]
+__all__ = ["HOSTS_TTL", "MAX_UPSTREAM_FETCHES", "Resolver"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,10 @@ HOSTS_TTL = 60
 
 HOSTS_RECHECK = 2.0
 """The hosts file is re-read when its mtime changed, checked at most this often, seconds."""
+
+MAX_UPSTREAM_FETCHES = 512
+"""Distinct questions forwarded at once; past this, new ones get SERVFAIL at once (each fetch
+holds a socket, so this also bounds file descriptors)."""
 
 _FLAG_CD = 0x0010
 _REFUSED_TYPES = frozenset(
@@ -269,6 +273,13 @@ class Resolver:
     ) -> CacheEntry | None:
         task = self._inflight.get(key)
         if task is None:
+            if len(self._inflight) >= MAX_UPSTREAM_FETCHES:
+                log.warning(
+                    "%d upstream queries in flight; answering %s with SERVFAIL",
+                    len(self._inflight),
+                    qname,
+                )
+                return None
             task = asyncio.get_running_loop().create_task(
                 self._forward(key, qname, rdtype, rdclass)
             )
