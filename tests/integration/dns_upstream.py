@@ -46,6 +46,7 @@ www.chain.test.       300 CNAME mid.chain.test.
 mid.chain.test.       300 CNAME end.chain.test.
 end.chain.test.       300 A     192.0.2.80
 name.test.            300 A     192.0.2.77
+web.test.             300 A     127.0.0.1
 ttl.test.             100 A     192.0.2.100
 short.test.           1   A     192.0.2.101
 spoof.test.           300 A     192.0.2.66

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 from chroot_helper.errors import ConfigError
-from chroot_helper.services.dns import DnsConfig, Endpoint, parse_config
+from chroot_helper.services.dns import (
+    JAIL_NSSWITCH_CONF,
+    DnsConfig,
+    Endpoint,
+    jail_resolv_conf,
+    parse_config,
+)
 from chroot_helper.services.dns.config import parse_resolv_conf
 
 
@@ -90,3 +96,17 @@ def test_hosts_file_can_be_disabled_and_patterns_normalised():
     )
     assert config.hosts_file is None
     assert config.allow == ("example.org", "*.cdn.test")
+
+
+def test_jail_resolv_conf_names_the_stub():
+    config = parse_config({"listen": "127.0.0.53:53", "upstreams": ["127.0.0.2:5300"]})
+    text = jail_resolv_conf(config)
+    assert "nameserver 127.0.0.53\n" in text
+    assert "options timeout:2 attempts:2 edns0\n" in text
+    assert "hosts: dns" in JAIL_NSSWITCH_CONF
+
+
+def test_jail_resolv_conf_needs_port_53():
+    config = parse_config({"listen": "127.0.0.53:5353", "upstreams": ["127.0.0.2:5300"]})
+    with pytest.raises(ConfigError, match=r"dns.listen = '127.0.0.53:5353'.*port 53"):
+        jail_resolv_conf(config)

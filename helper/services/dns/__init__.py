@@ -17,10 +17,13 @@ Standalone, for tests and debugging: ``python -m chroot_helper.services.dns --co
 from __future__ import annotations
 
 from .config import DnsConfig, Endpoint, parse_config
+from .resolvconf import JAIL_NSSWITCH_CONF, jail_resolv_conf
 from .server import DnsService, start
 from .stats import DnsStats, format_stats
 
 __all__ = [
+    "JAIL_NSSWITCH_CONF",
+    "jail_resolv_conf",
     "DnsConfig",
     "DnsService",
     "DnsStats",
