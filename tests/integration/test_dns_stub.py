@@ -221,6 +221,12 @@ def test_malformed_packets_do_not_stop_service(stub):
         b"\xff" * 65000,  # oversized
         *(rng.randbytes(rng.randint(1, 600)) for _ in range(200)),
     ]
+    valid = dns.message.make_query("a.test", "A", use_edns=0).to_wire()
+    for _ in range(200):  # valid queries with a few bytes changed: the parser's corner cases
+        mutated = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+        bad.append(bytes(mutated[: rng.randint(12, len(mutated))]))
     good = dns.message.make_query("a.test", "A")
     with (
         socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock,
