@@ -294,7 +294,7 @@ def test_stats_line_on_sigusr1(stub):
 # -- separate stubs with their own configuration -------------------------------------------------
 
 
-def test_hosts_file_edits_picked_up(tmp_path, upstream):
+def test_hosts_file_edits_picked_up_and_sighup_flushes(tmp_path, upstream):
     hosts = tmp_path / "hosts"
     hosts.write_text("10.9.9.9 app.local\n")
     with run_stub(tmp_path, [upstream.address], hosts_file=str(hosts)) as stub:
@@ -304,6 +304,18 @@ def test_hosts_file_edits_picked_up(tmp_path, upstream):
         time.sleep(2.2)  # the stub re-checks the file's mtime every 2 s
         assert short(stub, "app.local") == ["10.9.9.10"]
         assert short(stub, "new.local") == ["10.9.9.11"]
+        # SIGHUP flushes the cache: the next query goes upstream again
+        before = len(upstream.queries("ttl.test."))
+        assert short(stub, "ttl.test") == ["192.0.2.100"]
+        assert short(stub, "ttl.test") == ["192.0.2.100"]
+        assert len(upstream.queries("ttl.test.")) == before + 1
+        os.kill(stub.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "dns cache flushed" not in stub.log.read_text():
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
+        assert short(stub, "ttl.test") == ["192.0.2.100"]
+        assert len(upstream.queries("ttl.test.")) == before + 2
 
 
 def test_allow_and_deny_lists(tmp_path, upstream):
@@ -429,3 +441,19 @@ def test_workers_share_the_address(tmp_path, upstream):
             if "dns stub ready on" in line
         }
         assert len(pids) == 2
+        # a worker does not outlive its parent, even when the parent is killed outright
+        child = int((pids - {str(stub.proc.pid)}).pop())
+        os.kill(stub.proc.pid, signal.SIGKILL)
+        stub.proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _running(child):
+            assert time.monotonic() < deadline, f"worker {child} survived its parent"
+            time.sleep(0.05)
+
+
+def _running(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

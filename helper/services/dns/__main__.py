@@ -2,7 +2,8 @@
 
 Reads the ``[dns]`` table of the TOML file, starts the service, logs
 ``dns stub ready on HOST port PORT`` to stderr, and runs until SIGTERM or SIGINT.  SIGUSR1 logs
-a stats line; one more is logged at exit.  With ``workers > 1`` the process forks that many
+a stats line; one more is logged at exit.  SIGHUP flushes the cache and re-reads the hosts
+file.  With ``workers > 1`` the process forks that many
 workers in all, sharing the address through ``SO_REUSEPORT``; SIGTERM to the parent stops them.
 
 Exit codes: 0 stopped by a signal, 2 bad command line, 71 cannot bind, 78 bad configuration.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -29,6 +31,8 @@ log = logging.getLogger("chroot_helper.services.dns")
 EXIT_OK = 0
 EXIT_LISTEN = 71
 EXIT_CONFIG = 78
+
+PR_SET_PDEATHSIG = 1
 
 
 def load_config(path: str) -> DnsConfig:
@@ -60,6 +64,7 @@ async def serve(config: DnsConfig) -> int:
     loop.add_signal_handler(
         signal.SIGUSR1, lambda: log.info("dns stats: %s", format_stats(service.stats()))
     )
+    loop.add_signal_handler(signal.SIGHUP, service.flush)
     try:
         await stop.wait()
     finally:
@@ -69,13 +74,24 @@ async def serve(config: DnsConfig) -> int:
     return EXIT_OK
 
 
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGTERM this worker when the parent dies (even by SIGKILL)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _run_workers(config: DnsConfig) -> int:
     children = []
+    parent = os.getpid()
     for _ in range(config.workers - 1):
         pid = os.fork()
         if pid == 0:
             code = EXIT_LISTEN
             try:
+                _die_with_parent(parent)
                 code = asyncio.run(serve(config))
             finally:
                 os._exit(code)

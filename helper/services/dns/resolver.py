@@ -95,7 +95,7 @@ class _HostsFile:
         self._checked = now
         try:
             mtime = os.stat(self.path).st_mtime_ns
-            if mtime != self._mtime:
+            if force or mtime != self._mtime:
                 self.table = parse_hosts(self.path.read_text(encoding="utf-8", errors="replace"))
                 self._mtime = mtime
                 log.info("hosts file %s: %d names", self.path, len(self.table))

@@ -117,6 +117,12 @@ class DnsService:
             uptime=time.monotonic() - self._started,
         )
 
+    def flush(self) -> None:
+        """Forget every cached answer and re-read the hosts file (``SIGHUP`` in the runner)."""
+        self.resolver.cache.clear()
+        self.resolver.hosts.refresh(force=True)
+        log.info("dns cache flushed, hosts file re-read")
+
     def _socket(self, kind: socket.SocketKind, port: int) -> socket.socket:
         config = self.config
         family = socket.AF_INET6 if config.listen.is_ipv6 else socket.AF_INET
