@@ -204,7 +204,7 @@ def run_stub(
     """Start ``python -m chroot_helper.services.dns`` on a free port; stop it on exit."""
     port = port if port is not None else free_port(host)
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    extra.setdefault("hosts_file", str(tmp_path / "hosts-none"))
+    extra.setdefault("hosts_file", "")  # no host names unless a test gives a file
     config = write_config(tmp_path / f"{label}.toml", listen=listen, upstreams=upstreams, **extra)
     log = tmp_path / f"{label}.log"
     with open(log, "wb") as sink:
