@@ -5,7 +5,9 @@ real process on 127.0.0.1, both on free high ports; nothing leaves loopback.  Th
 set of names:
 
 * throughput: a UDP client keeps ``--window`` queries in flight for ``--seconds``;
-* latency: one query at a time, p50/p99.
+* latency: one query at a time, p50/p99;
+* in-process, no sockets: the fast path (splice + TTL patch) vs a dnspython parse and rebuild of
+  the same answer, per query.
 
 Prints numbers and ratios; asserts nothing.  Run with ``.venv/bin/python bench/dns_stub.py``.
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import dns.message
+import dns.rrset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 
@@ -78,6 +81,40 @@ def latency(host: str, port: int, wires: list[bytes], rounds: int) -> list[float
     return samples
 
 
+def in_process(rounds: int) -> tuple[float, float]:
+    """Microseconds per answer: fast path vs dnspython parse + rebuild of the same response."""
+    from chroot_helper.services.dns.cache import make_entry, render
+    from chroot_helper.services.dns.wire import parse_plain_query
+
+    query = dns.message.make_query("www.chain.test", "A", use_edns=0)
+    response = dns.message.make_response(query)
+    for text in (
+        "mid.chain.test. 300 IN CNAME end.chain.test.",
+        "end.chain.test. 300 IN A 192.0.2.80",
+    ):
+        name, ttl, _cls, rtype, rdata = text.split()
+        response.answer.append(dns.rrset.from_text(name, int(ttl), "IN", rtype, rdata))
+    response.use_edns(False)
+    wire = response.to_wire()
+    qwire = query.to_wire()
+    entry = make_entry(wire, 12 + len(b"\x03www\x05chain\x04test\x00") + 4, lifetime=300, now=0.0)
+    started = time.perf_counter()
+    for index in range(rounds):
+        plain = parse_plain_query(qwire)
+        assert plain is not None
+        render(entry, qwire, plain, now=float(index % 100), udp_limit=1232, edns_udp_size=1232)
+    fast = (time.perf_counter() - started) / rounds * 1e6
+    started = time.perf_counter()
+    for _ in range(rounds):
+        parsed_query = dns.message.from_wire(qwire)
+        cached = dns.message.from_wire(wire)
+        reply = dns.message.make_response(parsed_query, recursion_available=True)
+        reply.answer = cached.answer
+        reply.to_wire()
+    slow = (time.perf_counter() - started) / rounds * 1e6
+    return fast, slow
+
+
 def pct(samples: list[float], q: float) -> float:
     return statistics.quantiles(samples, n=100)[int(q) - 1]
 
@@ -109,6 +146,11 @@ def main() -> None:
     print(f"throughput ratio stub/direct = {stub_qps / direct_qps:.2f}x")
     for label, samples in (("direct upstream", direct_lat), ("stub cache hit ", stub_lat)):
         print(f"{label} latency: p50={pct(samples, 50):7.1f} us  p99={pct(samples, 99):7.1f} us")
+    fast_us, slow_us = in_process(args.rounds * 5)
+    print(
+        f"in-process per answer: fast path {fast_us:.1f} us, dnspython parse+rebuild "
+        f"{slow_us:.1f} us, ratio {slow_us / fast_us:.1f}x"
+    )
     print(
         f"latency ratio p50 stub/direct = {pct(stub_lat, 50) / pct(direct_lat, 50):.2f}x "
         f"(lower is faster); the stub sent {upstream_hits} queries upstream in its phases"
