@@ -2,7 +2,9 @@
 
 A pattern ``example.org`` matches that name only; ``*.example.org`` matches every name below it
 (not ``example.org`` itself).  Deny wins over allow; an empty allow list allows every name that
-is not denied.  ``localhost`` is always allowed.
+is not denied.  ``localhost`` is always allowed.  The lists apply to every question, hosts-file
+names and reverse (PTR) names included: add ``*.in-addr.arpa`` / ``*.ip6.arpa`` to an allow list
+if the app needs reverse lookups.
 
 Example::
 
