@@ -291,6 +291,11 @@ def parse_config(table: Mapping[str, object]) -> DnsConfig:
     if "hosts_file" in table:
         hosts = _get(table, "hosts_file", str, 'a file path, or "" to disable')
         assert isinstance(hosts, str)
+        if hosts and not Path(hosts).is_file():
+            raise ConfigError(
+                f"dns.hosts_file = {hosts!r}: no such file; fix the path, or set "
+                'dns.hosts_file = "" to answer only localhost locally'
+            )
         kwargs["hosts_file"] = Path(hosts) if hosts else None
 
     for name in ("allow", "deny"):
