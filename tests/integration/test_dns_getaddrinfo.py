@@ -18,13 +18,18 @@ import sys
 import threading
 
 from chroot_helper.services.dns import JAIL_NSSWITCH_CONF, jail_resolv_conf, parse_config
-from dns_fixtures import run_stub, run_upstream
+
+try:  # tests/ as packages (pytest importlib/package mode) or as plain directories (prepend mode)
+    from .dns_fixtures import run_stub, run_upstream
+except ImportError:
+    from dns_fixtures import run_stub, run_upstream  # type: ignore[no-redef]
 
 CANDIDATES = ["127.53.0.1", "127.0.0.53", "127.53.0.2", "127.53.0.3", "127.54.0.1"]
 
 CLIENT = r"""
 import json, socket, sys
 import requests
+
 result = {}
 result["getaddrinfo"] = sorted({ai[4][0] for ai in socket.getaddrinfo("name.test", 80,
                                 type=socket.SOCK_STREAM)})

@@ -10,7 +10,11 @@ import dns.rcode
 import pytest
 from chroot_helper.errors import ListenError
 from chroot_helper.services.dns import DnsStats, format_stats, parse_config, start
-from dns_fixtures import free_port, run_upstream
+
+try:  # tests/ as packages (pytest importlib/package mode) or as plain directories (prepend mode)
+    from .dns_fixtures import free_port, run_upstream
+except ImportError:
+    from dns_fixtures import free_port, run_upstream  # type: ignore[no-redef]
 
 
 def test_start_query_stats_close(tmp_path):

@@ -21,7 +21,11 @@ import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest
-from dns_fixtures import free_port, run_stub, run_upstream
+
+try:  # tests/ as packages (pytest importlib/package mode) or as plain directories (prepend mode)
+    from .dns_fixtures import free_port, run_stub, run_upstream
+except ImportError:
+    from dns_fixtures import free_port, run_stub, run_upstream  # type: ignore[no-redef]
 
 
 @pytest.fixture(scope="module")
