@@ -4,6 +4,9 @@
 
     HelperError
     ├── ConfigError          the TOML configuration is invalid (raised at start, never mid-request)
+    ├── DnsError             the DNS service failed
+    │   ├── ListenError          dns.listen could not be bound (raised at start)
+    │   └── UpstreamError        no upstream gave a usable answer (the client gets SERVFAIL)
     └── ProtocolError        a frame broke the wire protocol
         ├── LocalProtocolError   we were about to send something invalid
         └── RemoteProtocolError  the peer sent something invalid
@@ -18,6 +21,18 @@ class HelperError(Exception):
 
 class ConfigError(HelperError):
     """The configuration is invalid; the message names the key, the value and the fix."""
+
+
+class DnsError(HelperError):
+    """The DNS service failed."""
+
+
+class ListenError(DnsError):
+    """The DNS service could not bind its listen address; the message says what to change."""
+
+
+class UpstreamError(DnsError):
+    """An upstream timed out, refused, or sent an answer that does not match the question."""
 
 
 class ProtocolError(HelperError):

@@ -1,0 +1,266 @@
+"""UDP and TCP listeners of the DNS stub, in the running asyncio loop.
+
+:func:`start` binds both listeners (so a taken address fails at start, with a message saying
+what to change) and returns a :class:`DnsService`.  Each datagram is first offered to the
+resolver's synchronous fast path and answered in the same callback on a cache hit; otherwise a
+task takes the slow path.  TCP connections may send several length-prefixed queries; each gets
+``tcp_idle_timeout`` to arrive.
+
+With ``workers > 1`` the sockets set ``SO_REUSEPORT`` so that several processes (see
+``python -m chroot_helper.services.dns``) share the address and the kernel spreads queries
+between them.  Each process keeps its own cache.
+
+Example::
+
+    service = await start(parse_config({"listen": "127.0.0.53:53", "upstreams": ["10.0.0.1"]}))
+    ...
+    print(format_stats(service.stats()))
+    await service.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import socket
+import struct
+import time
+from typing import cast
+
+from ...errors import ListenError
+from .config import DnsConfig
+from .resolver import Resolver
+from .stats import Counters, DnsStats, format_stats
+
+__all__ = ["MAX_PENDING_QUERIES", "DnsService", "start"]
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_QUERIES = 2048
+"""Slow-path UDP queries in progress at once; beyond this new ones are dropped (counted)."""
+
+
+class _UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, service: DnsService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        service = self.service
+        try:
+            reply = service.resolver.answer_fast(data, addr, udp=True)
+        except Exception:
+            log.exception("%r: fast path failed; trying the slow path", addr)
+            reply = None
+        if reply is not None:
+            self._send(reply, addr)
+            return
+        if len(service.tasks) >= MAX_PENDING_QUERIES:
+            service.counters.dropped += 1
+            return
+        task = asyncio.get_running_loop().create_task(self._slow(data, addr))
+        service.tasks.add(task)
+        task.add_done_callback(service.tasks.discard)
+
+    async def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            reply = await self.service.resolver.answer(data, addr, udp=True)
+        except Exception:
+            log.exception("%r: query failed", addr)
+            return
+        if reply is not None:
+            self._send(reply, addr)
+
+    def _send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("udp listener: %s", exc)
+
+
+class DnsService:
+    """A running DNS stub; made by :func:`start`.
+
+    :param config: the validated settings.
+    """
+
+    def __init__(self, config: DnsConfig) -> None:
+        self.config = config
+        self.counters = Counters()
+        self.resolver = Resolver(config, self.counters)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.Server | None = None
+        self._tcp_writers: set[asyncio.StreamWriter] = set()
+        self._stats_task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port); the port is the real one when ``listen`` asked for 0."""
+        assert self._udp is not None
+        sockname = self._udp.get_extra_info("sockname")
+        return str(sockname[0]), int(sockname[1])
+
+    def stats(self) -> DnsStats:
+        """A snapshot of the counters."""
+        return DnsStats.snapshot(
+            self.counters,
+            cache_entries=len(self.resolver.cache),
+            uptime=time.monotonic() - self._started,
+        )
+
+    def flush(self) -> None:
+        """Forget every cached answer and re-read the hosts file (``SIGHUP`` in the runner)."""
+        self.resolver.cache.clear()
+        self.resolver.hosts.refresh(force=True)
+        log.info("dns cache flushed, hosts file re-read")
+
+    def _socket(self, kind: socket.SocketKind, port: int) -> socket.socket:
+        config = self.config
+        family = socket.AF_INET6 if config.listen.is_ipv6 else socket.AF_INET
+        sock = socket.socket(family, kind)
+        try:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if config.workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((config.listen.host, port))
+        except OSError as exc:
+            sock.close()
+            raise ListenError(_bind_message(config, exc)) from exc
+        sock.setblocking(False)
+        return sock
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        udp_sock = self._socket(socket.SOCK_DGRAM, self.config.listen.port)
+        port = udp_sock.getsockname()[1]
+        try:
+            tcp_sock = self._socket(socket.SOCK_STREAM, port)
+        except ListenError:
+            udp_sock.close()
+            raise
+        try:
+            transport, _protocol = await loop.create_datagram_endpoint(
+                lambda: _UdpListener(self), sock=udp_sock
+            )
+        except BaseException:
+            udp_sock.close()
+            tcp_sock.close()
+            raise
+        self._udp = transport
+        try:
+            self._tcp = await asyncio.start_server(
+                self._serve_tcp, sock=tcp_sock, backlog=self.config.max_tcp_clients
+            )
+        except BaseException:
+            tcp_sock.close()
+            transport.close()
+            raise
+        if self.config.stats_interval > 0:
+            self._stats_task = loop.create_task(self._log_stats())
+
+    async def _log_stats(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval)
+            log.info("dns stats: %s", format_stats(self.stats()))
+
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if len(self._tcp_writers) >= self.config.max_tcp_clients or self._closed:
+            log.warning(
+                "%r: too many TCP clients (dns.max_tcp_clients = %d); closing",
+                peer,
+                self.config.max_tcp_clients,
+            )
+            writer.close()
+            return
+        self._tcp_writers.add(writer)
+        idle = self.config.tcp_idle_timeout
+        resolver = self.resolver
+        try:
+            while True:
+                async with asyncio.timeout(idle):
+                    (length,) = struct.unpack("!H", await reader.readexactly(2))
+                    data = await reader.readexactly(length)
+                reply = resolver.answer_fast(data, peer, udp=False)
+                if reply is None:
+                    reply = await resolver.answer(data, peer, udp=False)
+                if reply is None:
+                    break  # garbage or a response: do not keep talking to this peer
+                writer.write(struct.pack("!H", len(reply)) + reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+            pass
+        except Exception:
+            log.exception("%r: TCP connection failed", peer)
+        finally:
+            self._tcp_writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def close(self) -> None:
+        """Stop listening, finish nothing in flight, close every socket."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stats_task
+        if self._udp is not None:
+            self._udp.close()
+        if self._tcp is not None:
+            self._tcp.close()
+        for writer in list(self._tcp_writers):
+            writer.close()
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.resolver.close()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        # Let transports run their connection_lost callbacks before the loop goes away.
+        await asyncio.sleep(0)
+
+
+def _bind_message(config: DnsConfig, exc: OSError) -> str:
+    where = f"dns.listen = {str(config.listen)!r}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: address already in use (the host's own resolver?); choose another "
+            "loopback address, e.g. '127.0.0.53:53', and point the jail's resolv.conf there"
+        )
+    if exc.errno == errno.EACCES:
+        return f"{where}: ports below 1024 need root or CAP_NET_BIND_SERVICE"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no local interface has this address; use one on 'lo'"
+    return f"{where}: cannot bind ({exc.strerror})"
+
+
+async def start(config: DnsConfig) -> DnsService:
+    """Bind UDP and TCP on ``config.listen`` in the running loop and start answering.
+
+    :raises ListenError: the address cannot be bound; the message says what to change.
+    """
+    service = DnsService(config)
+    await service._open()
+    host, port = service.address
+    log.info(
+        "dns stub ready on %s port %d (udp+tcp), upstreams %s, hosts %s",
+        host,
+        port,
+        ", ".join(str(u) for u in config.upstreams),
+        config.hosts_file or "(none)",
+    )
+    return service

@@ -1,0 +1,220 @@
+"""Helpers for the DNS integration tests: real processes for the stub and its test upstream.
+
+Import explicitly (``from tests.integration.dns_fixtures import ...`` or relative); nothing here
+is a pytest plugin.  Every process is started with its own log under ``tmp_path``, waited for
+with a timeout and an actionable message, and stopped by its own PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import dns.message
+import dns.query
+
+HERE = Path(__file__).resolve().parent
+UPSTREAM_SCRIPT = HERE / "dns_upstream.py"
+READY_TIMEOUT = 15.0
+
+
+def free_port(host: str) -> int:
+    """A port free for both UDP and TCP on ``host``."""
+    for _ in range(50):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = udp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind((host, port))
+                except OSError:
+                    continue
+                return int(port)
+    raise RuntimeError(f"no free UDP+TCP port on {host}")
+
+
+def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], what: str) -> str:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0)
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode} before it was ready; its log {path}:\n{text}"
+            )
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{what} not ready within {READY_TIMEOUT}s (no {pattern!r} in {path}); "
+        f"check the log:\n{path.read_text(errors='replace') if path.exists() else ''}"
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@dataclasses.dataclass
+class Upstream:
+    """A running test upstream (:mod:`dns_upstream`)."""
+
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    query_log: Path
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def queries(self, name: str | None = None) -> list[dict[str, str]]:
+        """Queries the upstream received (optionally only for ``name``, with trailing dot)."""
+        rows = []
+        text = self.query_log.read_text() if self.query_log.exists() else ""
+        for line in text.splitlines():
+            fields = dict(item.split("=", 1) for item in line.split()[1:])
+            if name is None or fields["name"].lower() == name.lower():
+                rows.append(fields)
+        return rows
+
+
+@contextlib.contextmanager
+def run_upstream(
+    tmp_path: Path, *, host: str = "127.0.0.2", mode: str = "normal", label: str = "upstream"
+) -> Iterator[Upstream]:
+    """Start a test upstream on a free port of ``host``; stop it on exit."""
+    port = free_port(host)
+    out = tmp_path / f"{label}.out"
+    query_log = tmp_path / f"{label}.queries"
+    with open(out, "wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(UPSTREAM_SCRIPT),
+                "--listen",
+                f"{host}:{port}",
+                "--log",
+                str(query_log),
+                "--mode",
+                mode,
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(out, r"ready", proc, f"test upstream on {host}:{port}")
+        yield Upstream(host, port, proc, query_log)
+    finally:
+        _stop(proc)
+
+
+@dataclasses.dataclass
+class Stub:
+    """A running DNS stub process."""
+
+    host: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def query(
+        self,
+        name: str,
+        rdtype: str = "A",
+        *,
+        tcp: bool = False,
+        timeout: float = 8.0,
+        **kwargs: object,
+    ) -> dns.message.Message:
+        """Ask the stub with dnspython."""
+        message = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
+        if tcp:
+            return dns.query.tcp(message, self.host, port=self.port, timeout=timeout)
+        return dns.query.udp(message, self.host, port=self.port, timeout=timeout)
+
+    def dig(self, *args: str, check: bool = True) -> str:
+        """Run ``dig`` against the stub; return its stdout."""
+        done = subprocess.run(
+            [DIG, f"@{self.host}", "-p", str(self.port), "+time=8", "+tries=1", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"dig {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
+        return done.stdout
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+DIG = shutil.which("dig") or "/usr/bin/dig"
+
+
+def write_config(path: Path, *, listen: str, upstreams: list[str], **extra: object) -> Path:
+    lines = [
+        "[dns]",
+        f'listen = "{listen}"',
+        "upstreams = [" + ", ".join(f'"{u}"' for u in upstreams) + "]",
+    ]
+    for key, value in extra.items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, str):
+            lines.append(f'{key} = "{value}"')
+        elif isinstance(value, list):
+            lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+        else:
+            lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def run_stub(
+    tmp_path: Path,
+    upstreams: list[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    label: str = "stub",
+    **extra: object,
+) -> Iterator[Stub]:
+    """Start ``python -m chroot_helper.services.dns`` on a free port; stop it on exit."""
+    port = port if port is not None else free_port(host)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    extra.setdefault("hosts_file", "")  # no host names unless a test gives a file
+    config = write_config(tmp_path / f"{label}.toml", listen=listen, upstreams=upstreams, **extra)
+    log = tmp_path / f"{label}.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "chroot_helper.services.dns", "--config", str(config)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        _wait_for(log, r"dns stub ready on", proc, f"DNS stub on {listen}")
+        yield Stub(host, port, proc, log)
+    finally:
+        _stop(proc)

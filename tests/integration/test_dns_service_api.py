@@ -1,0 +1,51 @@
+"""The plug-in contract the helper core uses: parse_config, start, stats, close, in-process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import dns.asyncquery
+import dns.message
+import dns.rcode
+import pytest
+from chroot_helper.errors import ListenError
+from chroot_helper.services.dns import DnsStats, format_stats, parse_config, start
+
+try:  # tests/ as packages (pytest importlib/package mode) or as plain directories (prepend mode)
+    from .dns_fixtures import free_port, run_upstream
+except ImportError:
+    from dns_fixtures import free_port, run_upstream  # type: ignore[no-redef]
+
+
+def test_start_query_stats_close(tmp_path):
+    with run_upstream(tmp_path, host="127.0.0.2") as upstream:
+        port = free_port("127.0.0.1")
+        config = parse_config(
+            {"listen": f"127.0.0.1:{port}", "upstreams": [upstream.address], "hosts_file": ""}
+        )
+
+        async def scenario():
+            service = await start(config)
+            try:
+                assert service.address == ("127.0.0.1", port)
+                for _ in range(3):
+                    query = dns.message.make_query("a.test", "A")
+                    answer = await dns.asyncquery.udp(query, "127.0.0.1", port=port, timeout=5)
+                    assert str(answer.answer[0][0]) == "192.0.2.1"
+                query = dns.message.make_query("nope.test", "A")
+                answer = await dns.asyncquery.tcp(query, "127.0.0.1", port=port, timeout=5)
+                assert answer.rcode() == dns.rcode.NXDOMAIN
+                # a second service on the same address fails at start, saying what to change
+                with pytest.raises(ListenError, match="dns.listen .*already in use"):
+                    await start(config)
+                return service.stats()
+            finally:
+                await service.close()
+                await service.close()  # idempotent
+
+        stats = asyncio.run(scenario())
+    assert isinstance(stats, DnsStats)
+    assert (stats.queries, stats.udp_queries, stats.tcp_queries) == (4, 3, 1)
+    assert (stats.cache_hits, stats.cache_misses, stats.upstream_queries) == (2, 2, 2)
+    assert stats.cache_entries == 2 and stats.upstream_errors == 0
+    assert "cache_hits=2" in format_stats(stats)
