@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import time
 from collections.abc import Iterator
@@ -62,6 +63,23 @@ def test_lazily_read_host_data_still_works(site):
     assert facts["localhost"] == {"ok": True, "result": ["127.0.0.1"]}
     assert facts["berlin"] == {"ok": True, "result": "Europe/Berlin"}
     assert facts["ca_certs"] > 0
+
+
+def test_what_a_plain_late_chroot_breaks_still_works(site):
+    apache, _, _ = site
+    lazy = apache.get("/lazy").json()
+    assert lazy == {
+        "getpwuid": {"ok": True, "result": "www-data"},
+        "tempfile": {"ok": True, "result": "/tmp"},
+        "cp1252": {"ok": True, "result": "€"},
+        "idna": {"ok": True, "result": "xn--bcher-kva.example"},
+        "certifi": {"ok": True, "result": lazy["certifi"]["result"]},
+        "metadata": {"ok": True, "result": importlib.metadata.version("requests")},
+        "resources": {"ok": True, "result": os.path.getsize(certifi.where())},
+        "traceback": {"ok": True, "result": 'int("not a number")'},
+        "decimal": {"ok": True, "result": "3.30"},
+    }
+    assert lazy["certifi"]["result"] > 100
 
 
 def test_stdlib_module_first_imported_after_entry(site):

@@ -187,7 +187,46 @@ def exposure(environ):
     }
 
 
-ROUTES = {"/facts": facts, "/escapes": escapes, "/exposure": exposure}
+def lazy(environ):
+    """What the issue lists as failing after a plain late chroot unless preloaded."""
+    import importlib.metadata
+    import importlib.resources
+    import pwd
+    import ssl
+    import tempfile
+    import traceback
+
+    import certifi
+
+    def temp_file():
+        with tempfile.NamedTemporaryFile() as file:
+            file.write(b"x")
+            return os.path.dirname(file.name)
+
+    def source_line():
+        try:
+            int("not a number")
+        except ValueError as exc:
+            return traceback.format_exception(exc)[-2].splitlines()[-1].strip()
+
+    return {
+        "getpwuid": _attempt(lambda: pwd.getpwuid(33).pw_name),
+        "tempfile": _attempt(temp_file),
+        "cp1252": _attempt(lambda: b"\x80".decode("cp1252")),
+        "idna": _attempt(lambda: "bücher.example".encode("idna").decode()),
+        "certifi": _attempt(
+            lambda: ssl.create_default_context(cafile=certifi.where()).cert_store_stats()["x509_ca"]
+        ),
+        "metadata": _attempt(lambda: importlib.metadata.version("requests")),
+        "resources": _attempt(
+            lambda: len(importlib.resources.files("certifi").joinpath("cacert.pem").read_bytes())
+        ),
+        "traceback": _attempt(source_line),
+        "decimal": _attempt(lambda: str(__import__("decimal").Decimal("1.10") * 3)),
+    }
+
+
+ROUTES = {"/facts": facts, "/escapes": escapes, "/exposure": exposure, "/lazy": lazy}
 
 
 def app(environ, start_response):
