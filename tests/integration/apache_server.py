@@ -130,6 +130,27 @@ class Apache:
         )
 
     def start(self, timeout: float = 30.0) -> Apache:
+        for path in (*self.site.python_path, sys.prefix):
+            reachable = subprocess.run(
+                [
+                    "setpriv",
+                    f"--reuid={self.site.user}",
+                    f"--regid={self.site.user}",
+                    "--clear-groups",
+                    "test",
+                    "-r",
+                    path,
+                    "-a",
+                    "-x",
+                    path,
+                ],
+                check=False,
+            )
+            if reachable.returncode != 0:
+                raise RuntimeError(
+                    f"{self.site.user} cannot read {path}: the mod_wsgi daemon runs as that user; "
+                    "put the checkout under world-readable directories (or chmod o+rx them)"
+                )
         self.script.write_text(self.site.script)
         for name, text in self.site.files.items():
             (self.dir / name).write_text(text)
