@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: venv install test lint fmt bench clean
+.PHONY: venv install test lint fmt bench demo clean
 
 # Debian's python3.11 has a shared libpython, which mod_wsgi needs; pyenv builds usually do not.
 $(BIN)/python:
@@ -31,6 +31,9 @@ lint: install
 fmt: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+demo: install
+	$(BIN)/python apache/demo/run.py $(DEMO_ARGS)
 
 bench: install
 	$(BIN)/python bench/jail_overhead.py
