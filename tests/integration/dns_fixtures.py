@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.server
 import os
 import re
 import shutil
@@ -167,6 +168,42 @@ class Stub:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+
+PORT53_CANDIDATES = ["127.53.0.1", "127.0.0.53", "127.53.0.2", "127.53.0.3", "127.54.0.1"]
+
+
+class Hello(http.server.BaseHTTPRequestHandler):
+    """Answers every GET with a fixed body."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        body = b"hello through the stub"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def spare_port53_address() -> str:
+    """A loopback address whose port 53 is free (glibc's resolver always asks port 53)."""
+    for host in PORT53_CANDIDATES:
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
+            ):
+                udp.bind((host, 53))
+                tcp.bind((host, 53))
+        except OSError:
+            continue
+        return host
+    raise AssertionError(
+        f"port 53 is taken on every candidate loopback address {PORT53_CANDIDATES}; "
+        "free one of them for this test"
+    )
 
 
 DIG = shutil.which("dig") or "/usr/bin/dig"

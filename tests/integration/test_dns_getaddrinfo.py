@@ -20,11 +20,14 @@ import threading
 from chroot_helper.services.dns import JAIL_NSSWITCH_CONF, jail_resolv_conf, parse_config
 
 try:  # tests/ as packages (pytest importlib/package mode) or as plain directories (prepend mode)
-    from .dns_fixtures import run_stub, run_upstream
+    from .dns_fixtures import Hello, run_stub, run_upstream, spare_port53_address
 except ImportError:
-    from dns_fixtures import run_stub, run_upstream  # type: ignore[no-redef]
-
-CANDIDATES = ["127.53.0.1", "127.0.0.53", "127.53.0.2", "127.53.0.3", "127.54.0.1"]
+    from dns_fixtures import (  # type: ignore[no-redef]
+        Hello,
+        run_stub,
+        run_upstream,
+        spare_port53_address,
+    )
 
 CLIENT = r"""
 import json, socket, sys
@@ -46,36 +49,6 @@ print(json.dumps(result))
 """
 
 
-class _Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        body = b"hello through the stub"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-def spare_port53_address() -> str:
-    for host in CANDIDATES:
-        try:
-            with (
-                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp,
-                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp,
-            ):
-                udp.bind((host, 53))
-                tcp.bind((host, 53))
-        except OSError:
-            continue
-        return host
-    raise AssertionError(
-        f"port 53 is taken on every candidate loopback address {CANDIDATES}; "
-        "free one of them for this test"
-    )
-
-
 def test_glibc_resolves_through_stub_in_private_mount_namespace(tmp_path):
     unshare = shutil.which("unshare")
     assert unshare, "install util-linux (unshare) to run this test"
@@ -87,7 +60,7 @@ def test_glibc_resolves_through_stub_in_private_mount_namespace(tmp_path):
     nsswitch.write_text(JAIL_NSSWITCH_CONF)
     hosts = tmp_path / "stub-hosts"
     hosts.write_text("127.0.0.1 localhost\n10.1.2.3 web.site.internal webalias\n")
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
     thread = threading.Thread(target=web.serve_forever, daemon=True)
     thread.start()
     try:

@@ -226,7 +226,30 @@ def lazy(environ):
     }
 
 
-ROUTES = {"/facts": facts, "/escapes": escapes, "/exposure": exposure, "/lazy": lazy}
+def resolve(environ):
+    """Name resolution inside the jail: glibc through /etc/resolv.conf, and requests."""
+    import urllib.parse
+
+    import requests
+
+    port = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("port", ["80"])[0]
+    return {
+        "getaddrinfo": _attempt(
+            lambda: sorted({ai[4][0] for ai in socket.getaddrinfo("name.test", 80)})
+        ),
+        "gethostbyname": _attempt(lambda: socket.gethostbyname("www.chain.test")),
+        "missing": _attempt(lambda: socket.getaddrinfo("missing.test", 80)),
+        "http": _attempt(lambda: requests.get(f"http://web.test:{port}/", timeout=10).text),
+    }
+
+
+ROUTES = {
+    "/resolve": resolve,
+    "/facts": facts,
+    "/escapes": escapes,
+    "/exposure": exposure,
+    "/lazy": lazy,
+}
 
 
 def app(environ, start_response):
