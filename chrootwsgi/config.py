@@ -94,6 +94,8 @@ class JailConfig:
     :param snapshot_cache: directory where the import snapshot is stored once and mapped by every
         worker; ``"auto"`` is ``/var/cache/chrootwsgi`` when writable, else a private
         ``/tmp/chrootwsgi-UID``; ``""`` keeps a private copy in each worker's memory.
+    :param seccomp: after entry, deny with EPERM the syscalls a web worker never needs
+        (mounts, namespaces, ptrace, bpf, io_uring, ...; see :mod:`chrootwsgi.seccomp`).
     :param app: ``"module:callable"`` for the packaged wrapper script; unused by the jail itself.
     """
 
@@ -113,6 +115,7 @@ class JailConfig:
     path_map: Mapping[str, str] = field(default_factory=dict)
     expose_script: bool = True
     snapshot_cache: str = "auto"
+    seccomp: bool = True
     app: str | None = None
 
     def resolved_mode(self) -> Literal["rootless", "privileged"]:
@@ -161,6 +164,7 @@ def load_config(path: str | None = None, /, **overrides: object) -> JailConfig:
         path_map=_path_map(values.get("path_map", {})),
         expose_script=_bool("expose_script", values.get("expose_script", True)),
         snapshot_cache=_snapshot_cache(values.get("snapshot_cache", "auto")),
+        seccomp=_bool("seccomp", values.get("seccomp", True)),
         app=_optional_str("app", values.get("app")),
     )
     check_root(config.root)

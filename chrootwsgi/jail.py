@@ -13,8 +13,10 @@
 8. drop privileges: *privileged* sets groups, gid and uid to the configured user; both modes drop
    the capability bounding set, ambient, effective, permitted and inheritable capabilities, and
    set ``PR_SET_NO_NEW_PRIVS``;
-9. install the snapshot importer;
-10. verify: uid/gid as expected, no capabilities, ``/..`` is ``/``, ``setuid(0)`` fails.
+9. load the syscall filter (:mod:`chrootwsgi.seccomp`), unless ``seccomp = false``;
+10. install the snapshot importer;
+11. verify: uid/gid as expected, no capabilities, ``/..`` is ``/``, ``setuid(0)`` fails, the
+    filter is in force.
 
 A failure at any step raises :class:`~chrootwsgi.errors.EntryError` and leaves the process marked
 as failed: it must not serve (:class:`~chrootwsgi.ChrootMiddleware` answers 503). A process that
@@ -40,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from . import fds, importer, linux, preload, view
+from . import fds, importer, linux, preload, seccomp, view
 from .config import JailConfig, load_config
 from .errors import ChrootWSGIError, EntryError, VerifyError
 from .snapshot import Snapshot, default_cache_dir
@@ -161,10 +163,12 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
     os.chroot(config.root)
     os.chdir("/")
     _drop_privileges(mode, identity)
+    if config.seccomp:
+        seccomp.install_filter()
     importer.install(snapshot)
     tempfile.tempdir = "/tmp" if config.tmp else None
     mark("chroot")
-    _verify(identity)
+    _verify(identity, filtered=config.seccomp)
     seconds = time.perf_counter() - started
     log.info(
         "pid %d: entered jail %s (%s) as uid %d in %.1f ms; %d modules kept (%d KiB, %s)",
@@ -299,8 +303,10 @@ def _drop_privileges(mode: str, identity: view.Identity) -> None:
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def _verify(identity: view.Identity) -> None:
+def _verify(identity: view.Identity, *, filtered: bool) -> None:
     problems = []
+    if filtered and not seccomp.filter_active():
+        problems.append("the syscall filter is not in force")
     if os.getresuid() != (identity.uid,) * 3 or os.getresgid() != (identity.gid,) * 3:
         problems.append(f"uid/gid are {os.getresuid()}/{os.getresgid()}")
     if any(linux.capget()):

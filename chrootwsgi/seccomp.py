@@ -1,0 +1,166 @@
+"""A syscall filter for the jailed worker: deny what a web worker never needs, with EPERM.
+
+A chroot limits the file system view; the kernel stays reachable. After entry,
+:func:`install_filter` loads a small classic-BPF seccomp program (no library needed) that answers
+``EPERM`` — an error the app can handle, not a kill — to the calls that rebuild a view or reach
+into other processes or the kernel:
+
+- mounts and roots: ``mount``, ``umount2``, ``pivot_root``, ``chroot``, the new mount API
+  (``open_tree``, ``move_mount``, ``fsopen``, ``fsconfig``, ``fsmount``, ``fspick``,
+  ``mount_setattr``);
+- namespaces: ``unshare``, ``setns``, and ``clone`` with any namespace flag (``clone3`` answers
+  ``ENOSYS``, because its flags cannot be inspected, so that libc falls back to ``clone``);
+- other processes: ``ptrace``, ``process_vm_readv``, ``process_vm_writev``;
+- kernel interfaces: ``bpf``, ``perf_event_open``, ``keyctl``, ``add_key``, ``request_key``,
+  ``kexec_load``, ``kexec_file_load``, ``init_module``, ``finit_module``, ``delete_module``,
+  ``userfaultfd``, ``open_by_handle_at``, ``io_uring_setup``, ``io_uring_enter``,
+  ``io_uring_register``;
+- any call through another ABI (i386 ``int 0x80``, x32).
+
+The filter is inherited by every thread started later and by every child, and cannot be removed.
+It needs ``no_new_privs`` (set by entry before it). Only x86-64 is supported; elsewhere set
+``seccomp = false``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import platform
+import struct
+
+from . import linux
+from .errors import EntryError
+
+PR_SET_SECCOMP = 22
+PR_GET_SECCOMP = 21
+SECCOMP_MODE_FILTER = 2
+
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_X32_SYSCALL_BIT = 0x40000000
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+
+# Classic BPF opcodes.
+_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_JSET_K = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+_RET_K = 0x06  # BPF_RET | BPF_K
+
+# Offsets in struct seccomp_data.
+_NR, _ARCH, _ARG0_LOW = 0, 4, 16
+
+#: x86-64 numbers of the denied calls.
+DENIED_X86_64 = {
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
+    "unshare": 272,
+    "setns": 308,
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "keyctl": 250,
+    "add_key": 248,
+    "request_key": 249,
+    "kexec_load": 246,
+    "kexec_file_load": 320,
+    "init_module": 175,
+    "finit_module": 313,
+    "delete_module": 176,
+    "userfaultfd": 323,
+    "open_by_handle_at": 304,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+}
+_CLONE, _CLONE3 = 56, 435
+#: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
+CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
+CLONE_NAMESPACE_FLAGS |= 0x20000000 | 0x40000000
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def build_program() -> list[tuple[int, int, int, int]]:
+    """The filter as ``(code, jt, jf, k)`` instructions, for x86-64."""
+    deny, enosys = _RET_ERRNO | errno.EPERM, _RET_ERRNO | errno.ENOSYS
+    program: list[tuple[int, int, int, int]] = []
+    denied = sorted(DENIED_X86_64.values())
+    # Jumps are relative; the three return instructions close the program:
+    # [..., ret ALLOW, ret EPERM, ret ENOSYS].
+    body = [
+        ("ld", _ARCH),
+        ("jne_deny", _AUDIT_ARCH_X86_64),
+        ("ld", _NR),
+        ("jge_deny", _X32_SYSCALL_BIT),
+        *(("jeq_deny", number) for number in denied),
+        ("jeq_enosys", _CLONE3),
+        ("jne_allow", _CLONE),
+        ("ld", _ARG0_LOW),
+        ("jset_deny", CLONE_NAMESPACE_FLAGS),
+    ]
+    allow_at = len(body)
+    deny_at, enosys_at = allow_at + 1, allow_at + 2
+    for index, (op, k) in enumerate(body):
+        to_allow, to_deny, to_enosys = (
+            allow_at - index - 1,
+            deny_at - index - 1,
+            enosys_at - index - 1,
+        )
+        if op == "ld":
+            program.append((_LD_W_ABS, 0, 0, k))
+        elif op == "jne_deny":
+            program.append((_JEQ_K, 0, to_deny, k))
+        elif op == "jge_deny":
+            program.append((_JGE_K, to_deny, 0, k))
+        elif op == "jeq_deny":
+            program.append((_JEQ_K, to_deny, 0, k))
+        elif op == "jeq_enosys":
+            program.append((_JEQ_K, to_enosys, 0, k))
+        elif op == "jne_allow":
+            program.append((_JEQ_K, 0, to_allow, k))
+        elif op == "jset_deny":
+            program.append((_JSET_K, to_deny, 0, k))
+    program += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, deny), (_RET_K, 0, 0, enosys)]
+    return program
+
+
+def install_filter() -> None:
+    """Load the filter into the calling (single) thread; inherited by all it creates.
+
+    :raises EntryError: on an architecture without a syscall table here, or when the kernel
+        refuses the filter.
+    """
+    machine = platform.machine()
+    if machine != "x86_64":
+        raise EntryError(
+            f"the syscall filter knows x86-64 only, this is {machine}: set seccomp = false"
+        )
+    packed = b"".join(struct.pack("<HBBI", *instruction) for instruction in build_program())
+    buffer = ctypes.create_string_buffer(packed, len(packed))
+    fprog = _SockFprog(len(packed) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    try:
+        linux.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
+    except OSError as exc:
+        raise EntryError(
+            f"the kernel refused the syscall filter ({exc}); set seccomp = false to run without"
+        ) from None
+
+
+def filter_active() -> bool:
+    """True when a seccomp filter is in force for the calling thread."""
+    return linux.prctl(PR_GET_SECCOMP) == SECCOMP_MODE_FILTER
