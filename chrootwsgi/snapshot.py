@@ -37,7 +37,6 @@ import os
 import stat
 import struct
 import sys
-import sysconfig
 import tempfile
 import time
 import zlib
@@ -80,6 +79,8 @@ SKIP_DATA_SUFFIXES = (".pyi", ".pyc", ".pyo", ".pyx", ".pxd", ".c", ".h", ".cpp"
 #: Sub-package names never kept below any package.
 SKIP_NESTED = frozenset({"test", "tests", "__pycache__"})
 
+#: The standard library's directory, also inside a virtualenv.
+STDLIB = os.path.dirname(os.__file__)
 _EXTENSION_SUFFIXES = tuple(importlib.machinery.EXTENSION_SUFFIXES)
 DIST_SUFFIXES = (".dist-info", ".egg-info")
 Kind = Literal["source", "extension", "namespace"]
@@ -160,14 +161,13 @@ class Snapshot:
         All of the standard library's, and those of packages already imported or named in
         *modules*. Loading is cheap (shared, mostly untouched pages) and runs no module code.
         """
-        stdlib = sysconfig.get_path("platstdlib")
         wanted = {name.partition(".")[0] for name in sys.modules} | {
             name.partition(".")[0] for name in modules
         }
         for name, entry in self.modules.items():
             if entry.kind != "extension":
                 continue
-            if not (entry.path.startswith(stdlib + os.sep) or name.partition(".")[0] in wanted):
+            if not (_in_stdlib(entry.path) or name.partition(".")[0] in wanted):
                 continue
             try:
                 ctypes.CDLL(entry.path, mode=os.RTLD_NOW | os.RTLD_LOCAL)
@@ -331,6 +331,12 @@ def _has_python(directory: str) -> bool:
         or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
         for item in _scandir(directory)
     )
+
+
+def _in_stdlib(path: str) -> bool:
+    """In the standard library (``sysconfig`` points into a virtualenv; ``os.py`` does not)."""
+    parts = path.split(os.sep)
+    return path.startswith(STDLIB + os.sep) and not {"site-packages", "dist-packages"} & set(parts)
 
 
 def _key(entries: list[str], walker: _Walker) -> str:
