@@ -159,7 +159,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
     else:
         _unshare(linux.CLONE_NEWNS, "a mount namespace")
     shown = view.build_view(config, identity, read_only_files=read_only)
-    mark("namespaces")
+    mark("view")
     os.chroot(config.root)
     os.chdir("/")
     _drop_privileges(mode, identity)
@@ -167,7 +167,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         seccomp.install_filter()
     importer.install(snapshot)
     tempfile.tempdir = "/tmp" if config.tmp else None
-    mark("chroot")
+    mark("enter")
     _verify(identity, filtered=config.seccomp)
     seconds = time.perf_counter() - started
     log.info(
