@@ -10,7 +10,10 @@ into other processes or the kernel:
   ``mount_setattr``);
 - namespaces: ``unshare``, ``setns``, and ``clone`` with any namespace flag (``clone3`` answers
   ``ENOSYS``, because its flags cannot be inspected, so that libc falls back to ``clone``);
-- other processes: ``ptrace``, ``process_vm_readv``, ``process_vm_writev``;
+- other processes: ``ptrace``, ``process_vm_readv``, ``process_vm_writev``; signals
+  (``kill``, ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``) to any process but the
+  worker itself, ``tkill`` and ``pidfd_send_signal`` — a jailed worker shares its uid with its
+  sibling workers (and maybe other sites), which plain signals would reach;
 - kernel interfaces: ``bpf``, ``perf_event_open``, ``keyctl``, ``add_key``, ``request_key``,
   ``kexec_load``, ``kexec_file_load``, ``init_module``, ``finit_module``, ``delete_module``,
   ``userfaultfd``, ``open_by_handle_at``, ``io_uring_setup``, ``io_uring_enter``,
@@ -18,6 +21,8 @@ into other processes or the kernel:
 - any call through another ABI (i386 ``int 0x80``, x32).
 
 The filter is inherited by every thread started later and by every child, and cannot be removed.
+The worker's pid is part of it: a child the worker forks can signal the worker but not itself,
+and the worker cannot signal its children (the jail has no programs to run; the helper runs them).
 It needs ``no_new_privs`` (set by entry before it). Only x86-64 is supported; elsewhere set
 ``seccomp = false``.
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import platform
 import struct
 
@@ -84,59 +90,79 @@ DENIED_X86_64 = {
     "io_uring_setup": 425,
     "io_uring_enter": 426,
     "io_uring_register": 427,
+    "tkill": 200,
+    "pidfd_send_signal": 424,
 }
+#: x86-64 numbers of the calls that signal a process named by their first argument; allowed
+#: only when that is the calling process itself.
+SIGNAL_X86_64 = {"kill": 62, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297}
 _CLONE, _CLONE3 = 56, 435
 #: CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET.
 CLONE_NAMESPACE_FLAGS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000
 CLONE_NAMESPACE_FLAGS |= 0x20000000 | 0x40000000
 
 
+Instruction = tuple[int, int, int, int]
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def build_program() -> list[tuple[int, int, int, int]]:
-    """The filter as ``(code, jt, jf, k)`` instructions, for x86-64."""
-    deny, enosys = _RET_ERRNO | errno.EPERM, _RET_ERRNO | errno.ENOSYS
-    program: list[tuple[int, int, int, int]] = []
-    denied = sorted(DENIED_X86_64.values())
-    # Jumps are relative; the three return instructions close the program:
-    # [..., ret ALLOW, ret EPERM, ret ENOSYS].
-    body = [
-        ("ld", _ARCH),
-        ("jne_deny", _AUDIT_ARCH_X86_64),
-        ("ld", _NR),
-        ("jge_deny", _X32_SYSCALL_BIT),
-        *(("jeq_deny", number) for number in denied),
-        ("jeq_enosys", _CLONE3),
-        ("jne_allow", _CLONE),
-        ("ld", _ARG0_LOW),
-        ("jset_deny", CLONE_NAMESPACE_FLAGS),
-    ]
-    allow_at = len(body)
-    deny_at, enosys_at = allow_at + 1, allow_at + 2
-    for index, (op, k) in enumerate(body):
-        to_allow, to_deny, to_enosys = (
-            allow_at - index - 1,
-            deny_at - index - 1,
-            enosys_at - index - 1,
-        )
-        if op == "ld":
-            program.append((_LD_W_ABS, 0, 0, k))
-        elif op == "jne_deny":
-            program.append((_JEQ_K, 0, to_deny, k))
-        elif op == "jge_deny":
-            program.append((_JGE_K, to_deny, 0, k))
-        elif op == "jeq_deny":
-            program.append((_JEQ_K, to_deny, 0, k))
-        elif op == "jeq_enosys":
-            program.append((_JEQ_K, to_enosys, 0, k))
-        elif op == "jne_allow":
-            program.append((_JEQ_K, 0, to_allow, k))
-        elif op == "jset_deny":
-            program.append((_JSET_K, to_deny, 0, k))
-    program += [(_RET_K, 0, 0, _RET_ALLOW), (_RET_K, 0, 0, deny), (_RET_K, 0, 0, enosys)]
-    return program
+class _Assembler:
+    """Classic BPF with forward jumps to named labels, resolved by :meth:`assemble`."""
+
+    def __init__(self) -> None:
+        self._code: list[tuple[int, int, str | None, str | None]] = []
+        self._labels: dict[str, int] = {}
+
+    def load(self, offset: int) -> None:
+        self._code.append((_LD_W_ABS, offset, None, None))
+
+    def jump(self, op: int, k: int, *, true: str | None = None, false: str | None = None) -> None:
+        self._code.append((op, k, true, false))
+
+    def label(self, name: str) -> None:
+        self._labels[name] = len(self._code)
+
+    def ret(self, value: int) -> None:
+        self._code.append((_RET_K, value, None, None))
+
+    def assemble(self) -> list[Instruction]:
+        def offset(index: int, target: str | None) -> int:
+            return 0 if target is None else self._labels[target] - index - 1
+
+        return [
+            (op, offset(index, true), offset(index, false), k)
+            for index, (op, k, true, false) in enumerate(self._code)
+        ]
+
+
+def build_program(pid: int) -> list[Instruction]:
+    """The filter for a process whose pid is *pid*, as ``(code, jt, jf, k)`` instructions."""
+    asm = _Assembler()
+    asm.load(_ARCH)
+    asm.jump(_JEQ_K, _AUDIT_ARCH_X86_64, false="deny")
+    asm.load(_NR)
+    asm.jump(_JGE_K, _X32_SYSCALL_BIT, true="deny")
+    for number in sorted(DENIED_X86_64.values()):
+        asm.jump(_JEQ_K, number, true="deny")
+    asm.jump(_JEQ_K, _CLONE3, true="enosys")
+    for number in SIGNAL_X86_64.values():
+        asm.jump(_JEQ_K, number, true="own_pid")
+    asm.jump(_JEQ_K, _CLONE, false="allow")
+    asm.load(_ARG0_LOW)
+    asm.jump(_JSET_K, CLONE_NAMESPACE_FLAGS, true="deny", false="allow")
+    asm.label("own_pid")  # a signal: only to this process itself
+    asm.load(_ARG0_LOW)
+    asm.jump(_JEQ_K, pid, true="allow", false="deny")
+    asm.label("allow")
+    asm.ret(_RET_ALLOW)
+    asm.label("deny")
+    asm.ret(_RET_ERRNO | errno.EPERM)
+    asm.label("enosys")
+    asm.ret(_RET_ERRNO | errno.ENOSYS)
+    return asm.assemble()
 
 
 def install_filter() -> None:
@@ -150,7 +176,8 @@ def install_filter() -> None:
         raise EntryError(
             f"the syscall filter knows x86-64 only, this is {machine}: set seccomp = false"
         )
-    packed = b"".join(struct.pack("<HBBI", *instruction) for instruction in build_program())
+    program = build_program(os.getpid())
+    packed = b"".join(struct.pack("<HBBI", *instruction) for instruction in program)
     buffer = ctypes.create_string_buffer(packed, len(packed))
     fprog = _SockFprog(len(packed) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     try:

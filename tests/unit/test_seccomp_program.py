@@ -7,15 +7,23 @@ import struct
 
 import pytest
 
-from chrootwsgi.seccomp import CLONE_NAMESPACE_FLAGS, DENIED_X86_64, build_program
+from chrootwsgi.seccomp import (
+    CLONE_NAMESPACE_FLAGS,
+    DENIED_X86_64,
+    SIGNAL_X86_64,
+    build_program,
+)
 
 ALLOW, ERRNO = 0x7FFF0000, 0x00050000
 X86_64, I386 = 0xC000003E, 0x40000003
 
 
+PID = 4242
+
+
 def run(nr: int, *, arch: int = X86_64, arg0: int = 0) -> int:
-    data = struct.pack("<iIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)
-    program = build_program()
+    data = struct.pack("<iIQ6Q", nr, arch, 0, arg0 & (2**64 - 1), 0, 0, 0, 0, 0)
+    program = build_program(PID)
     accumulator, pc = 0, 0
     while True:
         code, jt, jf, k = program[pc]
@@ -61,8 +69,16 @@ def test_other_abis_are_denied():
     assert run(0x40000000 + 1) == ERRNO | errno.EPERM  # x32
 
 
+@pytest.mark.parametrize("name", sorted(SIGNAL_X86_64))
+def test_signals_only_to_the_process_itself(name):
+    nr = SIGNAL_X86_64[name]
+    assert run(nr, arg0=PID) == ALLOW
+    for target in (1, PID + 1, 0, -1, -PID):
+        assert run(nr, arg0=target) == ERRNO | errno.EPERM, target
+
+
 def test_every_jump_stays_inside_the_program():
-    program = build_program()
+    program = build_program(PID)
     assert program[-1][0] == 0x06, "the program must end in a return"
     for index, (code, jt, jf, _) in enumerate(program):
         if code & 0x07 == 0x05:  # BPF_JMP
