@@ -273,9 +273,8 @@ def _enter_user_namespace(uid: int, gid: int) -> None:
     """New user and mount namespace in which only the worker's own uid and gid exist.
 
     mod_wsgi's daemon is not dumpable after its setuid, which makes /proc/self/uid_map
-    unwritable; dumpable is set for the few writes and restored right after.
+    unwritable; dumpable is set for the few writes (and cleared for good when privileges drop).
     """
-    dumpable = linux.prctl(linux.PR_GET_DUMPABLE)
     linux.prctl(linux.PR_SET_DUMPABLE, 1)
     try:
         _unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS, "a user and mount namespace")
@@ -287,11 +286,11 @@ def _enter_user_namespace(uid: int, gid: int) -> None:
             with open(f"/proc/self/{name}", "w") as file:
                 file.write(text)
     finally:
-        linux.prctl(linux.PR_SET_DUMPABLE, dumpable)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
 
 
 def _drop_privileges(mode: str, identity: view.Identity) -> None:
-    """Leave no way back: capabilities, bounding set, ambient set, and no new privileges."""
+    """Leave no way back: capabilities, bounding set, ambient set, no new privileges."""
     for cap in range(linux.last_capability() + 1):
         linux.prctl(linux.PR_CAPBSET_DROP, cap)
     linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
@@ -301,6 +300,9 @@ def _drop_privileges(mode: str, identity: view.Identity) -> None:
         os.setresuid(identity.uid, identity.uid, identity.uid)
     linux.capset_empty()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+    # Not dumpable: other processes of the same uid (sibling workers, other sites) cannot
+    # ptrace the jailed worker or read its memory.
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)
 
 
 def _verify(identity: view.Identity, *, filtered: bool) -> None:
@@ -313,6 +315,8 @@ def _verify(identity: view.Identity, *, filtered: bool) -> None:
         problems.append("capabilities remain")
     if linux.prctl(linux.PR_GET_NO_NEW_PRIVS) != 1:
         problems.append("no_new_privs is not set")
+    if linux.prctl(linux.PR_GET_DUMPABLE) != 0:
+        problems.append("the process is dumpable")
     root, parent = os.stat("/"), os.stat("/..")
     if (root.st_dev, root.st_ino) != (parent.st_dev, parent.st_ino):
         problems.append("'/..' leads above the jail root")

@@ -4,86 +4,22 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import textwrap
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
-from apache_server import APPS, free_port, world_readable_dir
+from apache_server import world_readable_dir
+from gunicorn_server import Gunicorn
 
 pytestmark = [pytest.mark.root]
 
 
-def start_gunicorn(
-    directory: Path, root: str, *, enter_in_post_fork: bool
-) -> subprocess.Popen[bytes]:
-    port = free_port()
-    (directory / "wsgi.py").write_text(
-        textwrap.dedent(
-            f"""\
-            from chrootwsgi import ChrootMiddleware
-            from facts import app
-            application = ChrootMiddleware(app, root={root!r}, user="www-data", enter=False)
-            """
-        )
-    )
-    hook = f"enter_jail({root!r}, user='www-data')" if enter_in_post_fork else "pass"
-    (directory / "gunicorn.conf.py").write_text(
-        f'bind = "127.0.0.1:{port}"\n'
-        "workers = 2\n"
-        'user = "www-data"\n'  # gunicorn hands its worker heartbeat file to this user
-        'group = "www-data"\n'
-        "preload_app = True\n"
-        "graceful_timeout = 5\n"  # a worker stopped while still entering its jail is killed
-        f'pythonpath = "{directory},{APPS}"\n'
-        f'errorlog = "{directory}/error.log"\n'
-        "from chrootwsgi import enter_jail\n"
-        "def post_fork(server, worker):\n"
-        f"    {hook}\n"
-    )
-    with (directory / "stderr.log").open("w") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "-c",
-                str(directory / "gunicorn.conf.py"),
-                "wsgi:application",
-            ],
-            cwd=directory,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert process.poll() is None, (directory / "error.log").read_text()
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    else:
-        raise RuntimeError(f"gunicorn did not listen on {port}; see {directory}/error.log")
-    process.url = f"http://127.0.0.1:{port}"  # type: ignore[attr-defined]
-    return process
-
-
 @pytest.fixture(scope="module")
-def gunicorn(tmp_path_factory) -> Iterator[subprocess.Popen[bytes]]:
+def gunicorn(tmp_path_factory) -> Iterator[Gunicorn]:
     jail = world_readable_dir("chrootwsgi-jail-")
-    process = start_gunicorn(
-        tmp_path_factory.mktemp("gunicorn"), str(jail), enter_in_post_fork=True
-    )
-    yield process
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
+    with Gunicorn(tmp_path_factory.mktemp("gunicorn"), str(jail)) as server:
+        yield server
     assert os.listdir(jail) == [], "the jail directory on disk must stay empty"
     jail.rmdir()
 
@@ -118,17 +54,13 @@ def test_master_stays_root_and_replaces_killed_workers_with_jailed_ones(gunicorn
         assert facts["uid"] == 33 and facts["cap_effective"] == 0
         seen.add(facts["pid"])
     assert seen - {first}
-    with open(f"/proc/{gunicorn.pid}/status") as status:
+    with open(f"/proc/{gunicorn.process.pid}/status") as status:
         assert "Uid:\t0\t0\t0\t0" in status.read(), "the gunicorn master must not be jailed"
 
 
 def test_worker_that_never_entered_answers_503(tmp_path, jail_root):
-    process = start_gunicorn(tmp_path, jail_root, enter_in_post_fork=False)
-    try:
-        response = requests.get(process.url + "/facts", timeout=10)  # type: ignore[attr-defined]
+    with Gunicorn(tmp_path, jail_root, enter_in_post_fork=False) as server:
+        response = server.get("/facts")
         assert response.status_code == 503
         assert "X-App" not in response.headers
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
-    assert "never entered its jail" in (tmp_path / "stderr.log").read_text()
+    assert "never entered its jail" in server.stderr()
