@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import os
+import signal
 import time
 from collections.abc import Iterator
 
@@ -160,22 +162,40 @@ def test_maximum_requests_restarts_are_jailed(jail_root):
     assert len(pids) >= 3, f"expected several daemon processes, saw {pids}"
 
 
+def _await_new_jailed_worker(apache: Apache, old: set[int]) -> int:
+    """Poll until a daemon process not in *old* answers; every answer must come from a jail."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            response = apache.get("/facts")
+        except requests.ConnectionError:
+            continue  # Apache is replacing its children
+        assert b"not running in its jail" not in response.content
+        if response.status_code == 200:
+            facts = response.json()
+            assert facts["uid"] == 33 and facts["cap_effective"] == 0, facts
+            assert not facts["proc_exists"]
+            if facts["pid"] not in old:
+                return facts["pid"]
+    raise AssertionError(f"no daemon process other than {old} answered within 30 s")
+
+
 def test_graceful_restart_new_workers_are_jailed(jail_root):
     site = Site(script=jailed_script(root=jail_root), processes=1, threads=2)
     with Apache(site) as apache:
         before = _jailed_pids(apache, 3)
         apache.graceful()
-        deadline = time.monotonic() + 30
-        after: set[int] = set()
-        while time.monotonic() < deadline and not (after - before):
-            time.sleep(0.2)
-            try:
-                response = apache.get("/facts")
-            except requests.ConnectionError:
-                continue  # Apache is restarting its children
-            assert b"not running in its jail" not in response.content
-            if response.status_code == 200:
-                facts = response.json()
-                assert facts["uid"] == 33 and facts["cap_effective"] == 0, facts
-                after.add(facts["pid"])
-    assert after - before, "no new daemon process appeared after the graceful restart"
+        _await_new_jailed_worker(apache, before)
+
+
+def test_worker_killed_during_a_request_is_replaced_by_a_jailed_one(jail_root):
+    site = Site(script=jailed_script(root=jail_root), processes=1, threads=2)
+    with Apache(site) as apache:
+        (pid,) = _jailed_pids(apache, 2)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(apache.get, "/sleep")
+            time.sleep(0.5)  # the request is now inside the worker
+            os.kill(pid, signal.SIGKILL)
+            slow.result()  # mod_wsgi answers the request in flight as it sees fit
+        _await_new_jailed_worker(apache, {pid})
