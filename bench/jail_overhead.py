@@ -92,11 +92,13 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
     jail = world_readable_dir("chrootwsgi-bench-jail-")
-    runs: dict[str, list[dict[str, object]]] = {"jailed": [], "unjailed": []}
+    runs: dict[str, list[dict[str, object]]] = {"unjailed": [], "jailed": []}
+    variants = {"unjailed": None, "jailed": str(jail)}
     try:
-        for _ in range(args.rounds):
-            runs["unjailed"].append(measure(None, args.duration))
-            runs["jailed"].append(measure(str(jail), args.duration))
+        for round_number in range(args.rounds):
+            order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+            for name in order:  # alternate which goes first: the machine drifts
+                runs[name].append(measure(variants[name], args.duration))
     finally:
         jail.rmdir()
     print(f"jail overhead, {args.rounds} x {args.duration} s per variant and page (wrk -t2 -c16)")
