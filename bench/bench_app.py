@@ -16,7 +16,14 @@ def app(environ, start_response):
     elif path == "/state":
         state = current_state()
         body = json.dumps(
-            {"seconds": state.seconds, "timings": state.timings} if state else {}
+            {
+                "pid": state.pid,
+                "seconds": state.seconds,
+                "timings": state.timings,
+                "snapshot": state.snapshot_origin,
+            }
+            if state
+            else {}
         ).encode()
     else:
         body = b"Hello, world!\n"

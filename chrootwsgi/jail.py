@@ -70,6 +70,7 @@ class JailState:
     closed_fds: tuple[str, ...] = ()
     modules_kept: int = 0
     snapshot_bytes: int = 0
+    snapshot_origin: str = ""
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -194,6 +195,7 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         closed_fds=tuple(closed),
         modules_kept=len(snapshot.modules),
         snapshot_bytes=snapshot.compressed_bytes,
+        snapshot_origin=snapshot.origin,
         timings=timings,
     )
 

@@ -53,9 +53,6 @@ DEFAULT_CODECS = (
     "iso8859-15",
 )
 
-#: Modules that are commonly first imported in a request and carry C extensions.
-DEFAULT_MODULES = ("decimal", "ssl", "hashlib", "json", "uuid", "zlib", "email.mime.text")
-
 _loaded_libraries: list[ctypes.CDLL] = []
 
 
@@ -86,8 +83,6 @@ def preload(
             report.libraries.append(path)
     for name in libraries:
         report.libraries.append(_load_library(name, required=True) or name)
-    for module in DEFAULT_MODULES:
-        importlib.import_module(module)
     for module in modules:
         try:
             importlib.import_module(module)

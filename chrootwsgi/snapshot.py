@@ -27,7 +27,9 @@ writable by nobody else. The mapping stays valid after ``chroot``; no descriptor
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import importlib.machinery
 import logging
@@ -40,7 +42,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -103,7 +105,8 @@ class ModuleEntry:
 class Snapshot:
     """Modules, directory listings and compressed file contents, as they were before entry.
 
-    :param origin: ``"built"``, ``"cached"`` (mapped from a cache file) or ``"memory"``.
+    :param origin: ``"cached"`` (mapped from a cache file), ``"built"`` (and written to the cache)
+        or ``"memory"`` (no usable cache directory: a private copy).
     """
 
     modules: dict[str, ModuleEntry] = field(default_factory=dict)
@@ -128,16 +131,19 @@ class Snapshot:
         snapshot = cls(
             modules=walker.modules, listings=walker.listings, distributions=walker.distributions
         )
-        cache_file = None
-        if cache_dir is not None and _trusted(cache_dir, directory=True):
-            cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries, walker)}.bin")
+        if cache_dir is None or not _trusted(cache_dir, directory=True):
+            snapshot.data, snapshot.index = _pack(walker.keep)
+            snapshot.origin = "memory"
+            return snapshot
+        cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries, walker)}.bin")
+        with _exclusive(cache_dir):  # workers starting together build it once
             if snapshot._map(cache_file):
                 snapshot.origin = "cached"
                 return snapshot
-        snapshot.data, snapshot.index = _pack(walker.keep)
-        if cache_file is not None and _write(cache_file, snapshot.data, snapshot.index):
-            snapshot._map(cache_file)
-        snapshot.origin = "built"
+            snapshot.data, snapshot.index = _pack(walker.keep)
+            if _write(cache_file, snapshot.data):
+                snapshot._map(cache_file)
+            snapshot.origin = "built"
         return snapshot
 
     @property
@@ -372,7 +378,27 @@ def _pack(keep: dict[str, tuple[int, int]]) -> tuple[bytes, dict[str, tuple[int,
     return b"".join(chunks), index
 
 
-def _write(cache_file: str, data: bytes, index: dict[str, tuple[int, int]]) -> bool:
+@contextlib.contextmanager
+def _exclusive(cache_dir: str) -> Iterator[None]:
+    """Hold the cache directory's lock file (``flock``) for the duration."""
+    try:
+        fd = os.open(
+            os.path.join(cache_dir, ".lock"),
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            0o600,
+        )
+    except OSError as exc:
+        log.debug("no lock on %s: %s", cache_dir, exc)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write(cache_file: str, data: bytes) -> bool:
     """Write *data* to *cache_file* atomically; prune cache files unused for a week."""
     directory = os.path.dirname(cache_file)
     try:
