@@ -11,15 +11,17 @@ anything further.
 
 Workers of one site would each read and compress the same files, so a snapshot is stored once
 in a cache directory and mapped read-only (``mmap``) by every worker: the pages are shared, and a
-worker only touches those it imports from. The cache file is keyed by the Python version, the
-path and the size and modification time of every kept file, so any change builds a new one.
-Its layout::
+worker only touches those it imports from. A cache file is named after the Python version, the
+working directory and ``sys.path``; it carries a manifest (the modification time of every
+directory walked, size and modification time of every file kept), and a worker maps it without
+walking anything while the manifest holds. Any change builds a new one. Its layout::
 
-    +----------+--------------------------+----------------------+-----------------+----------+
-    | MAGIC 8B | zlib blobs, back to back | marshal(index) bytes | index offset 8B | MAGIC 8B |
-    +----------+--------------------------+----------------------+-----------------+----------+
+    +----------+--------------------------+---------------------+-----------------+----------+
+    | MAGIC 8B | zlib blobs, back to back | marshal(metadata)   | meta offset 8B  | MAGIC 8B |
+    +----------+--------------------------+---------------------+-----------------+----------+
 
-    index = {host path: (offset, length)}; offsets count from the start of the file.
+    metadata = {"index": {host path: (offset, length)}, "modules": ..., "listings": ...,
+                "distributions": ..., "dirs": {dir: mtime_ns}, "files": {path: (size, mtime_ns)}}
 
 A cache file is used only when it and its directory are owned by root or the worker and
 writable by nobody else. The mapping stays valid after ``chroot``; no descriptor stays open.
@@ -115,36 +117,61 @@ class Snapshot:
     index: dict[str, tuple[int, int]] = field(default_factory=dict)
     data: bytes | mmap.mmap = b""
     origin: str = "memory"
+    manifest: tuple[dict[str, int], dict[str, tuple[int, int]]] = ({}, {})
     loaded_extensions: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, path: Iterable[str] | None = None, *, cache_dir: str | None = None) -> Snapshot:
-        """Walk *path* (default ``sys.path``); reuse or write a cache file in *cache_dir*."""
+        """Snapshot *path* (default ``sys.path``), through a cache file in *cache_dir* if given.
+
+        A cache file whose manifest still matches (every directory walked and every file kept,
+        by modification time and size) is mapped without walking anything.
+        """
         entries = list(dict.fromkeys(path if path is not None else sys.path))
-        walker = _Walker()
-        for entry in entries:
-            directory = os.path.abspath(entry or os.getcwd())
-            if directory == "/":
-                log.warning("not walking '/' from sys.path for the import snapshot")
-            elif os.path.isdir(directory):
-                walker.scan(directory)
-        snapshot = cls(
-            modules=walker.modules, listings=walker.listings, distributions=walker.distributions
-        )
         if cache_dir is None or not _trusted(cache_dir, directory=True):
-            snapshot.data, snapshot.index = _pack(walker.keep)
-            snapshot.origin = "memory"
-            return snapshot
-        cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries, walker)}.bin")
+            return cls._from_bytes(_pack(_walk(entries)), origin="memory")
+        cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries)}.bin")
         with _exclusive(cache_dir):  # workers starting together build it once
-            if snapshot._map(cache_file):
-                snapshot.origin = "cached"
-                return snapshot
-            snapshot.data, snapshot.index = _pack(walker.keep)
-            if _write(cache_file, snapshot.data):
-                snapshot._map(cache_file)
-            snapshot.origin = "built"
-        return snapshot
+            cached = _map_trusted(cache_file)
+            if cached is not None:
+                try:
+                    snapshot = cls._from_bytes(cached, origin="cached")
+                except (ValueError, EOFError, TypeError, KeyError, struct.error) as exc:
+                    log.warning("ignoring damaged snapshot cache %s: %r", cache_file, exc)
+                else:
+                    if snapshot._manifest_holds():
+                        return snapshot
+                cached.close()
+            data = _pack(_walk(entries))
+            if _write(cache_file, data):
+                mapped = _map_trusted(cache_file)
+                if mapped is not None:
+                    return cls._from_bytes(mapped, origin="built")
+            return cls._from_bytes(data, origin="memory")
+
+    @classmethod
+    def _from_bytes(cls, data: bytes | mmap.mmap, *, origin: str) -> Snapshot:
+        """Read the metadata that :func:`_pack` wrote behind the file contents."""
+        offset, magic = _TRAILER.unpack(data[-_TRAILER.size :])
+        if data[: len(MAGIC)] != MAGIC or magic != MAGIC:
+            raise ValueError("not a snapshot")
+        meta = marshal.loads(data[offset : -_TRAILER.size])
+        return cls(
+            modules={name: ModuleEntry(*fields) for name, fields in meta["modules"].items()},
+            listings=meta["listings"],
+            distributions=meta["distributions"],
+            index=meta["index"],
+            data=data,
+            origin=origin,
+            manifest=(meta["dirs"], meta["files"]),
+        )
+
+    def _manifest_holds(self) -> bool:
+        """True when no walked directory and no kept file changed since the snapshot."""
+        directories, files = self.manifest
+        return all(_mtime(path) == mtime for path, mtime in directories.items()) and all(
+            _size_mtime(path) == stamp for path, stamp in files.items()
+        )
 
     @property
     def compressed_bytes(self) -> int:
@@ -182,34 +209,6 @@ class Snapshot:
                 continue
             self.loaded_extensions.add(entry.path)
 
-    def _map(self, cache_file: str) -> bool:
-        """Map a trusted cache file and read its index; False if it is missing or unusable."""
-        try:
-            fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            if not _trusted(cache_file, fd=fd):
-                return False
-            mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        except (OSError, ValueError):
-            return False
-        finally:
-            os.close(fd)
-        try:
-            offset, magic = _TRAILER.unpack(mapped[-_TRAILER.size :])
-            if mapped[: len(MAGIC)] != MAGIC or magic != MAGIC:
-                raise ValueError("bad magic")
-            index = marshal.loads(mapped[offset : -_TRAILER.size])
-            if not isinstance(index, dict):
-                raise ValueError("bad index")
-        except (ValueError, EOFError, TypeError, struct.error) as exc:
-            log.warning("ignoring damaged snapshot cache %s: %s", cache_file, exc)
-            mapped.close()
-            return False
-        self.data, self.index = mapped, index
-        return True
-
 
 class _Walker:
     """Finds modules, packages, package data and metadata below ``sys.path`` directories."""
@@ -219,10 +218,24 @@ class _Walker:
         self.listings: dict[str, list[str]] = {}
         self.distributions: list[str] = []
         self.keep: dict[str, tuple[int, int]] = {}
+        self.dirs: dict[str, int] = {}
         self._seen_dirs: set[tuple[int, int]] = set()
 
+    def _has_python(self, directory: str) -> bool:
+        """A namespace package portion: Python files in it, or regular packages right below."""
+        return any(
+            item.name.endswith(".py")
+            or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
+            for item in self._list(directory)
+        )
+
+    def _list(self, directory: str) -> list[os.DirEntry[str]]:
+        """The entries of *directory*, noting its modification time for the manifest."""
+        self.dirs[directory] = _mtime(directory)
+        return _scandir(directory)
+
     def scan(self, directory: str) -> None:
-        for item in _scandir(directory):
+        for item in self._list(directory):
             if item.name.endswith(DIST_SUFFIXES) and _is_dir(item):
                 if item.path not in self.listings:
                     self.distributions.append(item.path)
@@ -252,14 +265,14 @@ class _Walker:
             self.modules[name] = ModuleEntry("source", init, (directory,))
             self._keep(init)
         elif existing is None or existing.kind == "namespace":
-            if top and not _has_python(directory):
+            if top and not self._has_python(directory):
                 return  # a plain directory (static files, node_modules), not a package
             search = (existing.search if existing else ()) + (directory,)
             self.modules[name] = ModuleEntry("namespace", directory, search)
         else:
             return
         listing: list[str] = []
-        for item in _scandir(directory):
+        for item in self._list(directory):
             listing.append(item.name)
             child, kind = _module_name(item)
             if kind == "package" and child is not None:
@@ -280,7 +293,7 @@ class _Walker:
 
     def _keep_tree(self, directory: str, depth: int) -> None:
         listing = []
-        for item in _scandir(directory):
+        for item in self._list(directory):
             listing.append(item.name)
             if item.is_file():
                 self._keep(item.path)
@@ -330,34 +343,38 @@ def _is_dir(item: os.DirEntry[str]) -> bool:
         return False
 
 
-def _has_python(directory: str) -> bool:
-    """A namespace package portion: Python files in it, or regular packages right below it."""
-    return any(
-        item.name.endswith(".py")
-        or (_is_dir(item) and os.path.isfile(os.path.join(item.path, "__init__.py")))
-        for item in _scandir(directory)
-    )
-
-
 def _in_stdlib(path: str) -> bool:
     """In the standard library (``sysconfig`` points into a virtualenv; ``os.py`` does not)."""
     parts = path.split(os.sep)
     return path.startswith(STDLIB + os.sep) and not {"site-packages", "dist-packages"} & set(parts)
 
 
-def _key(entries: list[str], walker: _Walker) -> str:
+def _key(entries: list[str]) -> str:
     digest = hashlib.blake2b(digest_size=16)
-    for part in (sys.version, entries, sorted(walker.keep.items()), sorted(walker.modules.items())):
-        digest.update(repr(part).encode())
+    digest.update(repr((sys.version, os.getcwd(), entries)).encode())
     return digest.hexdigest()
 
 
-def _pack(keep: dict[str, tuple[int, int]]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def _walk(entries: list[str]) -> _Walker:
+    walker = _Walker()
+    for entry in entries:
+        directory = os.path.abspath(entry or os.getcwd())
+        if directory == "/":
+            log.warning("not walking '/' from sys.path for the import snapshot")
+            continue
+        walker.dirs[directory] = _mtime(directory)
+        if os.path.isdir(directory):
+            walker.scan(directory)
+    return walker
+
+
+def _pack(walker: _Walker) -> bytes:
+    """The snapshot as one buffer: compressed files, then marshalled metadata, then the trailer."""
     chunks = [MAGIC]
     index: dict[str, tuple[int, int]] = {}
     offset = len(MAGIC)
     total = 0
-    for path in keep:
+    for path in walker.keep:
         try:
             with open(path, "rb") as file:
                 raw = file.read(MAX_FILE + 1)
@@ -373,9 +390,53 @@ def _pack(keep: dict[str, tuple[int, int]]) -> tuple[bytes, dict[str, tuple[int,
         index[path] = (offset, len(blob))
         chunks.append(blob)
         offset += len(blob)
-    chunks.append(marshal.dumps(index))
+    meta = {
+        "index": index,
+        "modules": {name: (e.kind, e.path, e.search) for name, e in walker.modules.items()},
+        "listings": walker.listings,
+        "distributions": walker.distributions,
+        "dirs": walker.dirs,
+        "files": walker.keep,
+    }
+    chunks.append(marshal.dumps(meta))
     chunks.append(_TRAILER.pack(offset, MAGIC))
-    return b"".join(chunks), index
+    return b"".join(chunks)
+
+
+def _map_trusted(cache_file: str) -> mmap.mmap | None:
+    """Map a cache file read-only if it exists, is trusted and looks whole."""
+    try:
+        fd = os.open(cache_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not _trusted(cache_file, fd=fd):
+            return None
+        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if len(mapped) < len(MAGIC) + _TRAILER.size or mapped[: len(MAGIC)] != MAGIC:
+        log.warning("ignoring damaged snapshot cache %s", cache_file)
+        mapped.close()
+        return None
+    return mapped
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
+
+
+def _size_mtime(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (st.st_size, st.st_mtime_ns)
 
 
 @contextlib.contextmanager

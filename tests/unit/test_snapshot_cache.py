@@ -44,6 +44,26 @@ def test_a_changed_file_builds_a_new_snapshot(site, cache):
     assert again.read(str(site / "top.py")) == b"X = 43  # edited in place\n"
 
 
+def test_a_new_module_builds_a_new_snapshot(site, cache):
+    Snapshot.build([str(site)], cache_dir=str(cache))
+    (site / "pkg" / "added.py").write_text("Y = 1\n")
+    again = Snapshot.build([str(site)], cache_dir=str(cache))
+    assert again.origin == "built"
+    assert again.modules["pkg.added"].path == str(site / "pkg" / "added.py")
+    assert Snapshot.build([str(site)], cache_dir=str(cache)).origin == "cached"
+
+
+def test_a_cache_file_with_a_damaged_index_is_rebuilt(site, cache):
+    Snapshot.build([str(site)], cache_dir=str(cache))
+    (cache_file,) = cache.glob("snapshot-*.bin")
+    data = bytearray(cache_file.read_bytes())
+    data[-40:-16] = b"\xff" * 24  # the end of the marshalled index
+    cache_file.write_bytes(bytes(data))
+    snapshot = Snapshot.build([str(site)], cache_dir=str(cache))
+    assert snapshot.origin == "built"
+    assert snapshot.read(str(site / "top.py")) == b"X = 42\n"
+
+
 def test_a_cache_directory_others_can_write_is_not_used(site, cache):
     cache.chmod(0o777)
     snapshot = Snapshot.build([str(site)], cache_dir=str(cache))
