@@ -1,0 +1,284 @@
+"""Start one command under a supervisor process that kills and reaps its whole tree.
+
+Used only by :mod:`chroot_helper.services.exec`; jailed code never imports this.  The daemon forks a
+*supervisor* per command; the supervisor, in a fixed order:
+
+1. resets signal dispositions and closes every descriptor it does not need (so it never holds
+   another connection's pipes open),
+2. becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that detach with ``setsid`` or
+   a double fork are re-parented to it, not to init,
+3. optionally unshares a network namespace (``network = false``) and a PID namespace
+   (``pid_namespace = true``), while still root,
+4. drops to the command's uid/gid with no supplementary groups (unless configured), sets
+   ``no_new_privs`` (setuid binaries do not elevate) and the rlimits, changes to ``cwd``,
+5. ``posix_spawn``\\ s the command in a new session (its own process group) with a clean
+   environment and only fds 0, 1 and 2,
+6. waits; on the daemon's request forwards a signal to the command's process group; when the
+   command exits, or the daemon asks for it, or the daemon goes away (its control pipe reads EOF),
+   it SIGKILLs the process group and every remaining child, reaps them all, and only then reports
+   the exit status.
+
+Status pipe (supervisor -> daemon): ``b"S"`` started, or ``b"E" + message`` could not start, then
+``b"X" + int32`` the ``subprocess``-style return code.  Control pipe (daemon -> supervisor): one byte
+per request, a signal number to forward, or ``0`` to kill the tree now.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import select
+import signal
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["SpawnSpec", "Supervisor", "spawn", "STATUS_EXIT", "KILL_TREE"]
+
+STATUS_STARTED: Final = b"S"
+STATUS_ERROR: Final = b"E"
+STATUS_EXIT: Final = b"X"
+KILL_TREE: Final = 0
+_CODE = struct.Struct("!i")
+
+_PR_SET_CHILD_SUBREAPER: Final = 36
+_PR_SET_NO_NEW_PRIVS: Final = 38
+_CLONE_NEWNET: Final = 0x40000000
+_CLONE_NEWPID: Final = 0x20000000
+# Margin of address space the supervisor keeps for itself above its current size.
+_AS_MARGIN: Final = 32 << 20
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpawnSpec:
+    """Everything the supervisor needs, prepared by the daemon before the fork.
+
+    :param argv: the full argv; ``argv[0]`` is an absolute path.
+    :param env: the complete environment.
+    :param cwd: working directory.
+    :param uid: user to run as; ``gid`` and ``groups`` likewise.
+    :param rlimits: ``(resource, limit)`` pairs; soft and hard are both set to the limit, except
+        RLIMIT_CPU whose hard limit is one second higher (SIGXCPU first, then SIGKILL).
+    :param stdin: descriptor for the command's fd 0; ``stdout`` and ``stderr`` likewise (they may be
+        the same descriptor).
+    :param network: False unshares a network namespace.
+    :param pid_namespace: True unshares a PID namespace; the command becomes its PID 1.
+    """
+
+    argv: Sequence[str]
+    env: dict[str, str]
+    cwd: str
+    uid: int
+    gid: int
+    groups: Sequence[int]
+    rlimits: Sequence[tuple[int, int]]
+    stdin: int
+    stdout: int
+    stderr: int
+    network: bool = True
+    pid_namespace: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Supervisor:
+    """The daemon's handle on a supervisor.
+
+    :param pid: the supervisor's pid (the daemon must reap it).
+    :param status_fd: read end of the status pipe.
+    :param control_fd: write end of the control pipe; closing it kills the tree.
+    """
+
+    pid: int
+    status_fd: int
+    control_fd: int
+
+
+def spawn(spec: SpawnSpec) -> Supervisor:
+    """Fork a supervisor for *spec*; return at once (the status pipe reports the start)."""
+    status_r, status_w = os.pipe()
+    control_r, control_w = os.pipe()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (status_r, status_w, control_r, control_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # pragma: no cover - runs in the forked supervisor
+        code = 70
+        try:
+            _supervise(spec, status_w, control_r)
+            code = 0
+        except BaseException as exc:
+            try:
+                os.write(status_w, STATUS_ERROR + f"supervisor failed: {exc!r}".encode()[:2000])
+            except OSError:
+                pass
+        os._exit(code)
+    os.close(status_w)
+    os.close(control_r)
+    return Supervisor(pid=pid, status_fd=status_r, control_fd=control_w)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _supervise(spec: SpawnSpec, status_w: int, control_r: int) -> None:  # pragma: no cover
+    """The supervisor's whole life (runs in the forked child)."""
+    signal.set_wakeup_fd(-1)
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    # A write to a vanished daemon must not kill the supervisor before it has cleaned up.
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    std = {spec.stdin, spec.stdout, spec.stderr}
+    _close_all_but(std | {status_w, control_r, 0, 1, 2})
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: None)
+
+    _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
+    flags = (0 if spec.network else _CLONE_NEWNET) | (_CLONE_NEWPID if spec.pid_namespace else 0)
+    try:
+        if flags:
+            _check(_libc.unshare(flags), "unshare(network/PID namespace)")
+        if os.geteuid() == 0:
+            os.setgroups(list(spec.groups))
+            os.setresgid(spec.gid, spec.gid, spec.gid)
+            os.setresuid(spec.uid, spec.uid, spec.uid)
+        _check(_libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        for res, limit in spec.rlimits:
+            if res == resource.RLIMIT_AS and limit < _vm_size() + _AS_MARGIN:
+                raise OSError(
+                    0, f"max_memory = {limit} bytes is too low to start anything; raise max_memory"
+                )
+            hard = limit + 1 if res == resource.RLIMIT_CPU else limit
+            resource.setrlimit(res, (limit, hard))
+        os.chdir(spec.cwd)
+        actions = [
+            (os.POSIX_SPAWN_DUP2, spec.stdin, 0),
+            (os.POSIX_SPAWN_DUP2, spec.stdout, 1),
+            (os.POSIX_SPAWN_DUP2, spec.stderr, 2),
+        ]
+        child = os.posix_spawn(
+            spec.argv[0],
+            list(spec.argv),
+            spec.env,
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGCHLD),
+        )
+    except OSError as exc:
+        detail = exc.strerror or str(exc)
+        os.write(status_w, STATUS_ERROR + f"{spec.argv[0]}: {detail}".encode()[:2000])
+        return
+    for fd in std:
+        if fd > 2:
+            os.close(fd)
+    try:
+        os.write(status_w, STATUS_STARTED)
+    except OSError:
+        _kill_tree(child)
+        return
+    returncode = _wait(child, control_r, wake_r)
+    _kill_tree(child)
+    try:
+        os.write(status_w, STATUS_EXIT + _CODE.pack(returncode))
+    except OSError:
+        pass
+
+
+def _wait(child: int, control_r: int, wake_r: int) -> int:  # pragma: no cover
+    """Serve control requests until *child* exits; return its subprocess-style return code."""
+    poller = select.poll()
+    poller.register(control_r, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    control_open = True
+    while True:
+        while True:  # reap whatever has exited; remember the command's status
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid == 0:
+                break
+            if pid == child:
+                return os.waitstatus_to_exitcode(status)
+        for fd, _ in poller.poll():
+            if fd == wake_r:
+                data = os.read(wake_r, 64)
+                if any(b in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for b in data):
+                    _signal_group(child, signal.SIGKILL)
+            elif control_open:
+                data = os.read(control_r, 64)
+                if not data:  # the daemon went away or gave up on this command
+                    control_open = False
+                    poller.unregister(control_r)
+                    _signal_group(child, signal.SIGKILL)
+                for byte in data:
+                    _signal_group(child, signal.SIGKILL if byte == KILL_TREE else byte)
+
+
+def _signal_group(pgid: int, sig: int) -> None:  # pragma: no cover
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if sig == signal.SIGKILL:
+        try:
+            os.kill(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _children() -> list[int]:  # pragma: no cover
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        return []
+
+
+def _kill_tree(child: int) -> None:  # pragma: no cover
+    """SIGKILL the command's process group and every descendant left; reap them all."""
+    _signal_group(child, signal.SIGKILL)
+    while True:
+        for pid in _children():
+            _signal_group(pid, signal.SIGKILL)
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        except InterruptedError:
+            continue
