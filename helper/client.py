@@ -54,6 +54,8 @@ from .protocol import (
     Response,
     Role,
     Signal,
+    Started,
+    State,
 )
 
 __all__ = [
@@ -183,17 +185,42 @@ class _Session:
         self.sock.close()
 
     def send(self, event: Data | Signal) -> None:
+        if self.conn.our_state is State.DONE or self.sock.fileno() < 0:
+            return  # the command has finished; nothing to send to
         try:
             self.sock.sendall(self.conn.send(event))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the helper has finished; its final frame tells why
 
+    def wait_started(self) -> None:
+        """Block until the helper reports the command running; raise its error if it refused."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, Started):
+                return
+            if isinstance(event, Error):
+                self.close()
+                _raise_error(event)
+            if event is CLOSED:
+                self.close()
+                raise RemoteProtocolError("the helper closed the connection without a reply")
+            if event is not NEED_DATA:
+                self.close()
+                raise RemoteProtocolError(f"expected STARTED, got {type(event).__name__}")
+            try:
+                data = self.sock.recv(MAX_DATA_PAYLOAD + 64)
+            except ConnectionResetError:
+                data = b""
+            self.conn.receive_data(data)
+
     def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
-        """Block (until *deadline*) for the next frame from the helper."""
+        """Block (until *deadline*) for the next frame from the helper, skipping STARTED."""
         while True:
             event = self.conn.next_event()
             if event is CLOSED:
                 raise RemoteProtocolError("the helper closed the connection without a reply")
+            if isinstance(event, Started):
+                continue
             if event is not NEED_DATA:
                 assert isinstance(event, Data | Exit | Response | Error)
                 return event
@@ -344,7 +371,7 @@ def _exchange(
                     return event
                 elif isinstance(event, Error):
                     _raise_error(event)
-                else:
+                elif not isinstance(event, Started):
                     raise LocalProtocolError(f"unexpected {type(event).__name__} for exec")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -443,6 +470,7 @@ class Popen:
                     modes[name] = "fd"
                     fds.append(_fileno(value))  # type: ignore[arg-type]  # constants handled above
             self._session = _Session(argv, modes, fds, timeout)
+            self._session.wait_started()
         except BaseException:
             for _, fd in ours:
                 os.close(fd)

@@ -23,11 +23,13 @@ Every frame has an 8-byte header::
                                      "output_limited": bool}
     5     RESPONSE  server -> client JSON object (services other than exec)
     6     ERROR     both             JSON {"code": str, "message": str}
+    7     STARTED   server -> client JSON {} (exec: the command is running)
 
 A connection carries exactly one request::
 
     client                                   server
       REQUEST (+ fds in SCM_RIGHTS) ------->
+                          <---------------- STARTED (exec)
       DATA stdin, SIGNAL ... -------------->
                           <---------------- DATA stdout/stderr ...
                           <---------------- EXIT | RESPONSE | ERROR   (then both sides close)
@@ -73,6 +75,7 @@ __all__ = [
     "Request",
     "Data",
     "Signal",
+    "Started",
     "Exit",
     "Response",
     "Error",
@@ -96,7 +99,7 @@ STDIN: Final = 0
 STDOUT: Final = 1
 STDERR: Final = 2
 
-_REQUEST, _DATA, _SIGNAL, _EXIT, _RESPONSE, _ERROR = 1, 2, 3, 4, 5, 6
+_REQUEST, _DATA, _SIGNAL, _EXIT, _RESPONSE, _ERROR, _STARTED = 1, 2, 3, 4, 5, 6, 7
 
 
 class Role(enum.Enum):
@@ -190,6 +193,11 @@ class Signal:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Started:
+    """The exec service started the command (sent once, before any output)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Exit:
     """The command ended.
 
@@ -228,7 +236,7 @@ class Error:
     message: str
 
 
-Event = Request | Data | Signal | Exit | Response | Error
+Event = Request | Data | Signal | Started | Exit | Response | Error
 
 
 class _Sentinel(enum.Enum):
@@ -247,7 +255,7 @@ _MAY_SEND: Final[dict[tuple[Role, State], tuple[type, ...]]] = {
     (Role.CLIENT, State.IDLE): (Request, Error),
     (Role.CLIENT, State.RUNNING): (Data, Signal, Error),
     (Role.SERVER, State.IDLE): (Error,),
-    (Role.SERVER, State.RUNNING): (Data, Exit, Response, Error),
+    (Role.SERVER, State.RUNNING): (Started, Data, Exit, Response, Error),
 }
 _DATA_STREAMS: Final[dict[Role, tuple[int, ...]]] = {
     Role.CLIENT: (STDIN,),
@@ -310,6 +318,8 @@ def encode_event(event: Event) -> bytes:
         )
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
+    elif isinstance(event, Started):
+        kind, payload = _STARTED, b"{}"
     else:
         kind, payload = _ERROR, _dump({"code": event.code, "message": event.message[:4096]})
     if len(payload) > MAX_JSON_PAYLOAD:
@@ -350,6 +360,9 @@ def decode_frame(kind: int, payload: bytes) -> Event:
             )
         if kind == _RESPONSE:
             return Response(result=_load_object(payload, "RESPONSE"))
+        if kind == _STARTED:
+            _load_object(payload, "STARTED")
+            return Started()
         if kind == _ERROR:
             obj = _load_object(payload, "ERROR")
             return Error(

@@ -508,6 +508,8 @@ class HelperServer:
     async def _send_error(conn: _ServerConnection | None, code: str, message: str) -> None:
         if conn is None:
             return
+        _close_fds(conn.fds)  # before the reply, so the client sees them closed once it has it
+        conn.fds = []
         with contextlib.suppress(Exception):
             await asyncio.wait_for(conn.send(Error(code=code, message=message)), 1.0)
             # Let the client read the error before the close: a close with unread bytes would

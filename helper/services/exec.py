@@ -36,7 +36,7 @@ from typing import Final
 
 from ..config import CommandConfig
 from ..errors import CommandError, RemoteProtocolError
-from ..protocol import MAX_DATA_PAYLOAD, STDERR, STDOUT, Data, Exit, Request, Signal
+from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service
 from .exec_spawn import KILL_TREE, STATUS_EXIT, SpawnSpec, Supervisor, spawn
 
@@ -275,6 +275,7 @@ class _Run:
                 _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
                 readers, stdin_w = {}, None
                 raise CommandError(f"[exec.{cmd.name}] could not start: {started}")
+            await self.channel.send(Started())
             pumps = [asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()]
             tasks.extend(pumps)
             readers = {}

@@ -1,0 +1,268 @@
+"""chroot-helper against hostile or unexpected peers, from jailed processes, and over TCP."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helper_daemon import Helper, running_helper
+
+from chroot_helper import client, protocol
+
+COMMANDS = """
+[exec.echo]
+argv = ["/bin/echo"]
+args = "any"
+
+[exec.cat]
+argv = ["/bin/cat"]
+args = "any"
+"""
+
+
+@pytest.fixture(scope="module")
+def helper() -> Iterator[Helper]:
+    with running_helper(COMMANDS) as running:
+        yield running
+
+
+def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> list[object]:
+    """Send raw bytes (and fds); return the events the helper answers with."""
+    conn = protocol.Connection(protocol.Role.CLIENT)
+    conn.our_state = conn.their_state = protocol.State.RUNNING  # read whatever it sends
+    events: list[object] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        try:
+            sock.sendmsg([payload], anc)
+        except BrokenPipeError:
+            pass
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            conn.receive_data(data)
+            while (event := conn.next_event()) not in (protocol.NEED_DATA, protocol.CLOSED):
+                events.append(event)
+            if not data:
+                return events
+
+
+def _request_frame(params: dict[str, object], fds: int = 0) -> bytes:
+    body = json.dumps({"op": "exec", "params": params, "fds": fds, "token": None}).encode()
+    return protocol.HEADER.pack(b"CH", 1, 1, len(body)) + body
+
+
+def _assert_still_serving() -> None:
+    assert client.run(["echo", "still serving"], capture_output=True).stdout == b"still serving\n"
+
+
+@pytest.fixture(autouse=True)
+def helper_env(helper: Helper, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
+
+
+def test_peer_uid_not_in_allow_uids_is_refused(helper: Helper) -> None:
+    code = "client.run(['echo', 'x'])"
+    done = helper.run_client(code, user=65534, check=False)
+    assert done.returncode != 0
+    assert "PeerRefusedError: peer uid 65534 gid 65534 is not allowed" in done.stderr
+    assert "allow_uids" in done.stderr
+    assert "peer uid 65534" in helper.log_text()
+    _assert_still_serving()
+
+
+def test_allowed_uid_is_served(helper: Helper) -> None:
+    done = helper.run_client("print(client.run(['echo', 'www'], capture_output=True).stdout)", user=33)
+    assert done.stdout.strip() == "b'www\\n'"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+        pytest.param(b"\x00" * 64, id="zeros"),
+        pytest.param(protocol.HEADER.pack(b"CH", 9, 1, 2) + b"{}", id="bad-version"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 77, 2) + b"{}", id="unknown-type"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 5) + b"[1,2]", id="json-array"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 1 << 30), id="oversized"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 2, 3) + b"\x00ab", id="data-before-request"),
+    ],
+)
+def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(payload: bytes, helper: Helper) -> None:
+    with client.Popen(["cat"], stdin=client.PIPE, stdout=client.PIPE) as busy:
+        assert busy.stdin is not None and busy.stdout is not None
+        events = _raw_exchange(helper.socket, payload)
+        assert len(events) == 1
+        error = events[0]
+        assert isinstance(error, protocol.Error)
+        assert error.code == "protocol"
+        assert error.message
+        # A connection that was already running is unaffected, and new ones are served.
+        busy.stdin.write(b"alive\n")
+        busy.stdin.flush()
+        assert busy.stdout.readline() == b"alive\n"
+        busy.stdin.close()
+    _assert_still_serving()
+
+
+def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "args": "not a list"}))
+    assert events == [protocol.Error(code="command", message="exec parameter 'args' must be a list of strings")]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "stdout": "fd"}))
+    assert events == [protocol.Error(code="command", message="1 streams use mode 'fd' but 0 fds were passed")]
+    _assert_still_serving()
+
+
+def test_extra_fds_are_refused_and_closed(helper: Helper) -> None:
+    r, w = os.pipe()
+    try:
+        frame = _request_frame({"command": "echo"}, fds=0)
+        events = _raw_exchange(helper.socket, frame, fds=[r, r])
+        assert isinstance(events[0], protocol.Error)
+        assert "announced 0 fds but 2 arrived" in events[0].message
+    finally:
+        os.close(r)
+    # The helper closed its copies: the pipe has no reader left.
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")
+    os.close(w)
+    _assert_still_serving()
+
+
+def test_setuid_binary_does_not_elevate() -> None:
+    bindir = Path(tempfile.mkdtemp(prefix="chroot-helper-suid-"))
+    try:
+        bindir.chmod(0o755)
+        suid_id = bindir / "id"
+        shutil.copy2("/usr/bin/id", suid_id)
+        os.chown(suid_id, 0, 0)
+        suid_id.chmod(0o4755)
+        # Control: the copy really elevates when no_new_privs is not set.
+        control = subprocess.run(
+            [str(suid_id)], user=65534, group=65534, extra_groups=[], capture_output=True, text=True
+        )
+        assert "euid=0(root)" in control.stdout
+        with running_helper(f'[exec.suid-id]\nargv = ["{suid_id}"]\nuser = "nobody"\n') as helper:
+            os.environ["CHROOT_HELPER_SOCKET"] = helper.socket
+            try:
+                done = client.run(["suid-id"], capture_output=True, text=True)
+            finally:
+                del os.environ["CHROOT_HELPER_SOCKET"]
+        assert done.stdout.startswith("uid=65534(nobody) gid=65534(nogroup)")
+        assert "euid" not in done.stdout
+    finally:
+        shutil.rmtree(bindir)
+
+
+def test_client_and_shim_work_from_an_empty_chroot(helper: Helper) -> None:
+    jail = Path(helper.socket).parent.parent  # the socket is at <jail>/run/chroot-helper.sock
+    assert sorted(p.name for p in jail.iterdir()) == ["run"]
+    code = (
+        "import os, subprocess\n"
+        "from chroot_helper import client, shim, errors\n"
+        f"os.chroot({str(jail)!r}); os.chdir('/')\n"
+        "assert not os.path.exists('/bin/echo') and not os.path.exists('/bin/sh')\n"
+        "os.environ.pop('CHROOT_HELPER_SOCKET', None)  # the default jail path must work\n"
+        "print(client.run(['echo', 'jailed'], capture_output=True).stdout.decode(), end='')\n"
+        "shim.install()\n"
+        "print(subprocess.check_output(['/bin/echo', 'via', 'shim']).decode(), end='')\n"
+        "print(subprocess.run(['cat'], input='typed', capture_output=True, text=True).stdout)\n"
+        "try:\n"
+        "    subprocess.run(['convert', 'a.png', 'b.jpg'])\n"
+        "except errors.CommandError as exc:\n"
+        "    print('refused:', exc)\n"
+        "try:\n"
+        "    subprocess.run('echo hi', shell=True)\n"
+        "except errors.CommandError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=helper.env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["jailed", "via shim", "typed"]
+    assert lines[3].startswith("refused: command 'convert' is not allowed")
+    assert lines[4].startswith("refused: shell=True")
+
+
+def test_shim_with_a_command_list_refuses_others_locally(helper: Helper) -> None:
+    code = (
+        "from chroot_helper import shim\n"
+        "shim.install(commands=['echo'])\n"
+        "print(subprocess.run(['echo', 'ok'], capture_output=True).stdout)\n"
+        "try:\n"
+        "    subprocess.run(['cat'])\n"
+        "except errors.CommandError as exc:\n"
+        "    print(exc)\n"
+        "shim.uninstall()\n"
+        "print(subprocess.run(['/bin/echo', 'host'], capture_output=True).stdout)\n"
+    )
+    out = helper.run_client(code).stdout.splitlines()
+    assert out[0] == "b'ok\\n'"
+    assert out[1].startswith("'cat' is not routed to chroot-helper (routed: echo)")
+    assert out[2] == "b'host\\n'"
+
+
+def test_tcp_listener_needs_the_token() -> None:
+    token_dir = Path(tempfile.mkdtemp(prefix="chroot-helper-token-"))
+    try:
+        token_file = token_dir / "token"
+        token_file.write_text("s3cret-token-0123456789\n")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        extra = f'tcp = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n'
+        with running_helper(COMMANDS, helper_table=extra) as tcp_helper:
+            good = tcp_helper.env(
+                CHROOT_HELPER_ADDRESS=f"127.0.0.1:{port}", CHROOT_HELPER_TOKEN="s3cret-token-0123456789"
+            )
+            code = "print(client.run(['echo', 'over tcp'], capture_output=True).stdout)"
+            assert tcp_helper.run_client(code, env=good).stdout.strip() == "b'over tcp\\n'"
+            bad = dict(good, CHROOT_HELPER_TOKEN="wrong-token-0123456789")
+            refused = tcp_helper.run_client(code, env=bad, check=False)
+            assert refused.returncode != 0
+            assert "PeerRefusedError: wrong or missing token" in refused.stderr
+    finally:
+        shutil.rmtree(token_dir)
+
+
+def test_refused_error_type_is_rebuilt_on_the_client(helper: Helper) -> None:
+    done = helper.run_client(
+        "try:\n    client.run(['echo'])\nexcept errors.PeerRefusedError as exc:\n    print('refused')\n",
+        user=65534,
+    )
+    assert done.stdout.strip() == "refused"
+
+
+def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[helper]\nsocket = "/tmp/x.sock"\nallow_uids = [33]\n[exec.echo]\nargv = ["/bin/echo"]\n'
+        "timeout = -1\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "chroot_helper.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 78
+    assert "[exec.echo] timeout = -1" in done.stderr
+
+
+def test_unreachable_helper_names_the_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CHROOT_HELPER_SOCKET", str(tmp_path / "absent.sock"))
+    with pytest.raises(client.HelperUnavailable, match=r"absent\.sock.*CHROOT_HELPER_SOCKET"):
+        client.run(["echo"])
+
