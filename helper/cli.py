@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="validate the configuration and exit")
     p_check.add_argument("--config", required=True, help="TOML configuration file")
     p_exec = sub.add_parser("exec", help="run a configured command through the helper")
-    p_exec.add_argument("--timeout", type=float, default=None, help="seconds (capped by the config)")
+    p_exec.add_argument(
+        "--timeout", type=float, default=None, help="seconds (capped by the config)"
+    )
     p_exec.add_argument("name", help="configured command name or path")
     p_exec.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the command")
     ns = parser.parse_args(argv)

@@ -2,13 +2,14 @@
 
 This is the only module a jailed app imports.  It is pure Python and uses the standard library only;
 every import happens when the module is imported (before the jail is entered), and no call reads a
-file: the helper is found through ``$CHROOT_HELPER_SOCKET`` (default ``/run/chroot-helper.sock``, the
-jail-relative path of the default socket), or ``$CHROOT_HELPER_ADDRESS`` (``127.0.0.1:PORT``) plus
-``$CHROOT_HELPER_TOKEN`` for the optional TCP listener.
+file: the helper is found through ``$CHROOT_HELPER_SOCKET`` (default ``/run/chroot-helper.sock``,
+the jail-relative path of the default socket), or ``$CHROOT_HELPER_ADDRESS`` (``127.0.0.1:PORT``)
+plus ``$CHROOT_HELPER_TOKEN`` for the optional TCP listener.
 
 ``argv[0]`` names a command configured in the helper as ``[exec.NAME]``: its ``NAME``, the path in
-its ``argv[0]``, or that path's basename.  Do not use this to run arbitrary programs: the helper runs
-only what its administrator configured, and says so in a :class:`~chroot_helper.errors.CommandError`.
+its ``argv[0]``, or that path's basename.  Do not use this to run arbitrary programs: the helper
+runs only what its administrator configured, and says so in a
+:class:`~chroot_helper.errors.CommandError`.
 
 Example::
 
@@ -36,7 +37,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Sequence
-from typing import IO, Final
+from typing import IO, Final, Literal, overload
 
 from .errors import HelperError, LocalProtocolError, RemoteProtocolError, error_from_code
 from .protocol import (
@@ -132,7 +133,8 @@ def _connect() -> tuple[socket.socket, str | None]:
         sock.close()
         hint = "set $CHROOT_HELPER_SOCKET to the socket's path inside the jail"
         raise HelperUnavailable(
-            f"cannot reach chroot-helper at {address!r}: {exc.strerror or exc}; is it running? {hint}"
+            f"cannot reach chroot-helper at {address!r}: {exc.strerror or exc}; "
+            f"is it running? {hint}"
         ) from None
     return sock, token
 
@@ -152,7 +154,9 @@ def _fd_is_open(fd: int) -> bool:
 class _Session:
     """One connection: send the request with fds, then exchange frames."""
 
-    def __init__(self, argv: Sequence[str], modes: dict[str, str], fds: list[int], timeout: float | None):
+    def __init__(
+        self, argv: Sequence[str], modes: dict[str, str], fds: list[int], timeout: float | None
+    ):
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
         self.argv = [os.fsdecode(a) for a in argv]
@@ -231,7 +235,7 @@ class _Session:
                 self.sock.settimeout(remaining)
             try:
                 data = self.sock.recv(MAX_DATA_PAYLOAD + 64)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError from None
             except ConnectionResetError:
                 data = b""
@@ -242,6 +246,40 @@ class _Session:
 
 def _raise_error(event: Error) -> None:
     raise error_from_code(event.code, event.message)
+
+
+@overload
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    stdin: Stream = None,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[True],
+    encoding: str | None = None,
+    errors: str | None = None,
+) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    stdin: Stream = None,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[False] = False,
+    encoding: str | None = None,
+    errors: str | None = None,
+) -> subprocess.CompletedProcess[bytes]: ...
 
 
 def run(
@@ -291,7 +329,9 @@ def run(
     fds: list[int] = []
     forward: dict[int, int] = {}  # stream -> local fd to copy streamed data to (TCP inherit)
     unix = _is_unix(helper_address()[0])
-    for index, (name, value) in enumerate((("stdin", stdin), ("stdout", stdout), ("stderr", stderr))):
+    for index, (name, value) in enumerate(
+        (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
+    ):
         if value == PIPE:
             modes[name] = "pipe"
         elif value == DEVNULL:
@@ -313,11 +353,13 @@ def run(
             if isinstance(value, int) and value < 0:
                 raise ValueError(f"{name}={value} is not a file descriptor or a known constant")
             modes[name] = "fd"
-            fds.append(_fileno(value))  # type: ignore[arg-type]  # PIPE/DEVNULL ints handled above
+            fds.append(_fileno(value))
     session = _Session(argv, modes, fds, timeout)
     out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
     try:
-        exit_event = _exchange(session, input if modes["stdin"] == "pipe" else None, out, forward, timeout)
+        exit_event = _exchange(
+            session, input if modes["stdin"] == "pipe" else None, out, forward, timeout
+        )
     finally:
         session.close()
 
@@ -332,11 +374,13 @@ def run(
         raise subprocess.TimeoutExpired(session.argv, timeout or 0.0, stdout_data, stderr_data)
     if exit_event.output_limited:
         raise OutputLimitExceeded(session.argv, stdout_data, stderr_data)
-    done: subprocess.CompletedProcess[bytes] | subprocess.CompletedProcess[str]
-    done = subprocess.CompletedProcess(session.argv, exit_event.returncode, stdout_data, stderr_data)
+    done: subprocess.CompletedProcess[bytes | str | None] = subprocess.CompletedProcess(
+        session.argv, exit_event.returncode, stdout_data, stderr_data
+    )
     if check:
         done.check_returncode()
-    return done
+    # Like subprocess, stdout/stderr are None when not captured; the overloads say bytes/str.
+    return done  # type: ignore[return-value]
 
 
 def _exchange(
@@ -353,7 +397,9 @@ def _exchange(
     sock = session.sock
     sock.setblocking(False)
     with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view is not None else 0))
+        sel.register(
+            sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view is not None else 0)
+        )
         while True:
             # Handle every complete frame already buffered before blocking again.
             while True:
@@ -410,8 +456,9 @@ def _write_fd(fd: int, data: bytes) -> None:
 class Popen:
     """A command running in the helper, like :class:`subprocess.Popen` (streaming, long output).
 
-    With :data:`PIPE`, :attr:`stdin`, :attr:`stdout` and :attr:`stderr` are ends of local pipes whose
-    other ends were passed to the command, so output arrives while it runs.  Needs the Unix socket.
+    With :data:`PIPE`, :attr:`stdin`, :attr:`stdout` and :attr:`stderr` are ends of local pipes
+    whose other ends were passed to the command, so output arrives while it runs.  Needs the Unix
+    socket.
 
     :param argv: ``[command, *args]`` as for :func:`run`.
     :param stdin: None (inherit fd 0), :data:`PIPE`, :data:`DEVNULL`, or a file object / fd.
@@ -468,7 +515,7 @@ class Popen:
                         fds.append(index)
                 else:
                     modes[name] = "fd"
-                    fds.append(_fileno(value))  # type: ignore[arg-type]  # constants handled above
+                    fds.append(_fileno(value))
             self._session = _Session(argv, modes, fds, timeout)
             self._session.wait_started()
         except BaseException:
@@ -483,7 +530,7 @@ class Popen:
             stream: IO[bytes] | IO[str] = raw
             if text:
                 stream = io.TextIOWrapper(
-                    raw,  # type: ignore[arg-type]  # FileIO / BufferedReader are binary streams
+                    raw,
                     encoding=encoding or "utf-8",
                     errors=errors or "strict",
                     write_through=index == 0,
@@ -544,7 +591,7 @@ class Popen:
     def communicate(
         self, input: bytes | str | None = None, timeout: float | None = None
     ) -> tuple[bytes | str | None, bytes | str | None]:
-        """Send *input*, read stdout/stderr to EOF, wait; like :meth:`subprocess.Popen.communicate`."""
+        """Send *input*, read stdout/stderr to EOF, wait: :meth:`subprocess.Popen.communicate`."""
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks: dict[int, list[bytes]] = {}
         if self.stdin is not None:

@@ -1,8 +1,9 @@
 """Load and validate the chroot-helper TOML configuration.
 
-The whole file is checked once, at start (:func:`load_config`); every error names the table, the key,
-the value and the fix.  Nothing is re-read later.  The ``[dns]`` and ``[mail]`` tables belong to their
-own services: they are kept raw in :attr:`HelperConfig.service_tables` and validated by those services.
+The whole file is checked once, at start (:func:`load_config`); every error names the table, the
+key, the value and the fix.  Nothing is re-read later.  The ``[dns]`` and ``[mail]`` tables belong
+to their own services: they are kept raw in :attr:`HelperConfig.service_tables` and validated by
+those services.
 
 Example::
 
@@ -222,7 +223,7 @@ class _Table:
             return []
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{self.where(key)} = {value!r}: expected a list of strings")
-        return list(value)  # type: ignore[arg-type]  # all items checked to be str above
+        return list(value)
 
     def check_unknown(self, allowed: frozenset[str]) -> None:
         unknown = sorted(set(self.raw) - allowed)
@@ -341,7 +342,9 @@ def _parse_helper(table: _Table) -> dict[str, object]:
     if not os.path.isabs(socket):
         raise ConfigError(f"[helper] socket = {socket!r}: expected an absolute path")
     if len(os.fsencode(socket)) > 107:
-        raise ConfigError(f"[helper] socket = {socket!r}: longer than the 107 bytes a Unix socket allows")
+        raise ConfigError(
+            f"[helper] socket = {socket!r}: longer than the 107 bytes a Unix socket allows"
+        )
     out["socket"] = socket
     mode = table.get("socket_mode")
     if mode is not None:
@@ -351,7 +354,9 @@ def _parse_helper(table: _Table) -> dict[str, object]:
             if isinstance(number, bool) or not isinstance(number, int) or not 0 <= number <= 0o777:
                 raise ValueError(mode)
         except ValueError:
-            raise ConfigError(f'[helper] socket_mode = {mode!r}: expected octal such as "0660"') from None
+            raise ConfigError(
+                f'[helper] socket_mode = {mode!r}: expected octal such as "0660"'
+            ) from None
         out["socket_mode"] = number
     owner = table.get("socket_owner")
     if owner is not None:
@@ -367,19 +372,24 @@ def _parse_helper(table: _Table) -> dict[str, object]:
     out["allow_gids"] = _id_list(table, "allow_gids", "group")
     if not out["allow_uids"] and not out["allow_gids"]:
         raise ConfigError(
-            "[helper] allows no peer: set allow_uids = [33] (the web server's uid) and/or allow_gids"
+            "[helper] allows no peer: set allow_uids = [33] (the web server's uid) "
+            "and/or allow_gids"
         )
     tcp = table.str_("tcp")
     token_file = table.str_("token_file")
     if tcp is not None:
         out["tcp"] = _parse_tcp(tcp, "[helper] tcp")
         if token_file is None:
-            raise ConfigError('[helper] tcp is set but token_file is not: add token_file = "/etc/…/token"')
+            raise ConfigError(
+                '[helper] tcp is set but token_file is not: add token_file = "/etc/…/token"'
+            )
         try:
             with open(token_file, encoding="utf-8") as fh:
                 token = fh.read().strip()
         except OSError as exc:
-            raise ConfigError(f"[helper] token_file = {token_file!r}: cannot read it ({exc.strerror})") from None
+            raise ConfigError(
+                f"[helper] token_file = {token_file!r}: cannot read it ({exc.strerror})"
+            ) from None
         if len(token) < 16:
             raise ConfigError(
                 f"[helper] token_file = {token_file!r}: the token must be at least 16 characters"
@@ -402,13 +412,15 @@ def _parse_command(name: str, raw: object) -> CommandConfig:
     argv = table.str_list("argv")
     if not argv or not os.path.isabs(argv[0]):
         raise ConfigError(
-            f'[exec.{name}] argv = {argv!r}: expected a list whose first item is an absolute path, '
+            f"[exec.{name}] argv = {argv!r}: expected a list whose first item is an absolute path, "
             f'e.g. argv = ["/usr/bin/{name}"]'
         )
     if any("\0" in a for a in argv):
         raise ConfigError(f"[exec.{name}] argv: arguments cannot contain NUL bytes")
     if not os.access(argv[0], os.X_OK):
-        raise ConfigError(f"[exec.{name}] argv[0] = {argv[0]!r}: not an executable file on this host")
+        raise ConfigError(
+            f"[exec.{name}] argv[0] = {argv[0]!r}: not an executable file on this host"
+        )
     raw_args = table.get("args")
     args: Literal["any", "none"] | tuple[re.Pattern[str], ...]
     if raw_args is None or raw_args == "none":
@@ -435,9 +447,13 @@ def _parse_command(name: str, raw: object) -> CommandConfig:
         raise ConfigError(f"[exec.{name}] user = {user_value!r}: expected a user name or uid")
     user = _resolve_user(user_value, f"[exec.{name}] user")
     group_value = table.get("group")
-    if group_value is not None and (isinstance(group_value, bool) or not isinstance(group_value, str | int)):
+    if group_value is not None and (
+        isinstance(group_value, bool) or not isinstance(group_value, str | int)
+    ):
         raise ConfigError(f"[exec.{name}] group = {group_value!r}: expected a group name or gid")
-    gid = user.pw_gid if group_value is None else _resolve_group(group_value, f"[exec.{name}] group")
+    gid = (
+        user.pw_gid if group_value is None else _resolve_group(group_value, f"[exec.{name}] group")
+    )
     groups = tuple(sorted(_id_list(table, "groups", "group")))
     euid = os.geteuid()
     if euid != 0 and (user.pw_uid != euid or gid != os.getegid() or groups):
@@ -450,10 +466,12 @@ def _parse_command(name: str, raw: object) -> CommandConfig:
     env: dict[str, str] = {"PATH": DEFAULT_PATH}
     if env_raw is not None:
         if not isinstance(env_raw, dict):
-            raise ConfigError(f'[exec.{name}] env = {env_raw!r}: expected a table like {{ LANG = "C.UTF-8" }}')
+            raise ConfigError(
+                f'[exec.{name}] env = {env_raw!r}: expected a table like {{ LANG = "C.UTF-8" }}'
+            )
         for key, value in env_raw.items():
             if not _ENV_NAME.fullmatch(key) or not isinstance(value, str) or "\0" in value:
-                raise ConfigError(f"[exec.{name}] env.{key} = {value!r}: expected NAME = \"string\"")
+                raise ConfigError(f'[exec.{name}] env.{key} = {value!r}: expected NAME = "string"')
             env[key] = value
     cwd = table.str_("cwd", "/")
     assert cwd is not None
@@ -464,7 +482,8 @@ def _parse_command(name: str, raw: object) -> CommandConfig:
     pid_namespace = table.bool_("pid_namespace", False)
     if euid != 0 and (not network or pid_namespace):
         raise ConfigError(
-            f"[exec.{name}] network = false and pid_namespace = true need the helper to start as root"
+            f"[exec.{name}] network = false and pid_namespace = true need the helper "
+            "to start as root"
         )
     max_output = table.size("max_output", 10 << 20, allow_none=False)
     assert max_output is not None

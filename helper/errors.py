@@ -12,8 +12,8 @@
         ├── BusyError            a concurrency limit is reached; retry later
         └── CommandError         the command or its arguments are not allowed, or exec failed
 
-A :class:`RequestError` carries a short machine-readable :attr:`~RequestError.code` so the client can
-rebuild the same class from an Error frame (see :func:`error_from_code`).
+A :class:`RequestError` carries a short machine-readable :attr:`~RequestError.code` so the client
+can rebuild the same class from an Error frame (see :func:`error_from_code`).
 """
 
 from __future__ import annotations

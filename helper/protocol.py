@@ -1,9 +1,9 @@
 """The chroot-helper wire protocol, without any I/O.
 
 Bytes go in through :meth:`Connection.receive_data`, events come out of
-:meth:`Connection.next_event` (or :data:`NEED_DATA`), and :meth:`Connection.send` turns an event into
-bytes.  Nothing here touches a socket, a file descriptor or a loop, so the parser can be fed arbitrary
-bytes in a test or a fuzzer.  Do not use this module from a jailed app: use
+:meth:`Connection.next_event` (or :data:`NEED_DATA`), and :meth:`Connection.send` turns an event
+into bytes.  Nothing here touches a socket, a file descriptor or a loop, so the parser can be fed
+arbitrary bytes in a test or a fuzzer.  Do not use this module from a jailed app: use
 :mod:`chroot_helper.client`, which drives it.
 
 Every frame has an 8-byte header::
@@ -35,10 +35,11 @@ A connection carries exactly one request::
                           <---------------- EXIT | RESPONSE | ERROR   (then both sides close)
 
 File descriptors travel beside the REQUEST frame as ``SCM_RIGHTS`` ancillary data on the same
-``sendmsg`` call (which therefore always carries at least one byte of payload: the frame itself); the
-``fds`` field says how many the server must have received.  JSON frames are limited to
+``sendmsg`` call (which therefore always carries at least one byte of payload: the frame itself);
+the ``fds`` field says how many the server must have received.  JSON frames are limited to
 :data:`MAX_JSON_PAYLOAD` bytes and data frames to :data:`MAX_DATA_PAYLOAD`; anything larger, an
-unknown type or version, or a frame out of turn raises :class:`~chroot_helper.errors.RemoteProtocolError`.
+unknown type or version, or a frame out of turn raises
+:class:`~chroot_helper.errors.RemoteProtocolError`.
 
 Example::
 
@@ -301,20 +302,28 @@ def _get_bool(obj: Mapping[str, object], key: str, what: str) -> bool:
 def encode_event(event: Event) -> bytes:
     """Return the frame for *event* (no state checks; :meth:`Connection.send` adds those)."""
     if isinstance(event, Data):
-        return HEADER.pack(MAGIC, VERSION, _DATA, len(event.data) + 1) + bytes((event.stream,)) + event.data
+        return (
+            HEADER.pack(MAGIC, VERSION, _DATA, len(event.data) + 1)
+            + bytes((event.stream,))
+            + event.data
+        )
     if isinstance(event, Request):
-        kind, payload = _REQUEST, _dump(
-            {"op": event.op, "params": event.params, "fds": event.fds, "token": event.token}
+        kind, payload = (
+            _REQUEST,
+            _dump({"op": event.op, "params": event.params, "fds": event.fds, "token": event.token}),
         )
     elif isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
-        kind, payload = _EXIT, _dump(
-            {
-                "returncode": event.returncode,
-                "timed_out": event.timed_out,
-                "output_limited": event.output_limited,
-            }
+        kind, payload = (
+            _EXIT,
+            _dump(
+                {
+                    "returncode": event.returncode,
+                    "timed_out": event.timed_out,
+                    "output_limited": event.output_limited,
+                }
+            ),
         )
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
@@ -370,7 +379,7 @@ def decode_frame(kind: int, payload: bytes) -> Event:
                 message=_get_str(obj, "message", "ERROR"),
             )
     except LocalProtocolError as exc:
-        # The event constructors validate with LocalProtocolError; here the bytes came from the peer.
+        # Event constructors raise LocalProtocolError; here the bytes came from the peer.
         raise RemoteProtocolError(str(exc)) from None
     raise RemoteProtocolError(f"unknown frame type {kind}")
 
@@ -416,14 +425,20 @@ class Connection:
         if available < HEADER.size:
             if self._eof:
                 if available:
-                    raise RemoteProtocolError(f"connection closed inside a frame header ({available} B)")
+                    raise RemoteProtocolError(
+                        f"connection closed inside a frame header ({available} B)"
+                    )
                 return CLOSED
             return NEED_DATA
         magic, version, kind, length = HEADER.unpack_from(self._buffer, self._offset)
         if magic != MAGIC:
-            raise RemoteProtocolError(f"bad frame magic {bytes(magic)!r}; is this a chroot-helper peer?")
+            raise RemoteProtocolError(
+                f"bad frame magic {bytes(magic)!r}; is this a chroot-helper peer?"
+            )
         if version != VERSION:
-            raise RemoteProtocolError(f"frame version {version} is not supported (this side speaks {VERSION})")
+            raise RemoteProtocolError(
+                f"frame version {version} is not supported (this side speaks {VERSION})"
+            )
         limit = MAX_DATA_PAYLOAD if kind == _DATA else MAX_JSON_PAYLOAD
         if length > limit or (kind == _DATA and length < 1):
             raise RemoteProtocolError(f"frame type {kind} of {length} bytes is outside 1..{limit}")
@@ -443,11 +458,14 @@ class Connection:
         allowed = _MAY_SEND.get((them, self.their_state), ())
         if not isinstance(event, allowed):
             raise RemoteProtocolError(
-                f"{type(event).__name__} frame from the {them.value} in state {self.their_state.value}"
+                f"{type(event).__name__} frame from the {them.value} "
+                f"in state {self.their_state.value}"
             )
         if isinstance(event, Data):
             if event.stream not in _DATA_STREAMS[them]:
-                raise RemoteProtocolError(f"the {them.value} may not send data on stream {event.stream}")
+                raise RemoteProtocolError(
+                    f"the {them.value} may not send data on stream {event.stream}"
+                )
             if event.stream in self._their_ended:
                 raise RemoteProtocolError(f"data on stream {event.stream} after its end")
             if not event.data:
@@ -468,10 +486,13 @@ class Connection:
         allowed = _MAY_SEND.get((self.role, self.our_state), ())
         if not isinstance(event, allowed):
             raise LocalProtocolError(
-                f"the {self.role.value} may not send {type(event).__name__} in state {self.our_state.value}"
+                f"the {self.role.value} may not send {type(event).__name__} "
+                f"in state {self.our_state.value}"
             )
         if isinstance(event, Data) and event.stream not in _DATA_STREAMS[self.role]:
-            raise LocalProtocolError(f"the {self.role.value} may not send data on stream {event.stream}")
+            raise LocalProtocolError(
+                f"the {self.role.value} may not send data on stream {event.stream}"
+            )
         frame = encode_event(event)
         self._advance(event, mine=True)
         return frame

@@ -4,7 +4,8 @@ One process, one asyncio loop.  It listens on a Unix stream socket (normally ins
 directory, so the jailed app reaches it at a jail path) and optionally on a loopback TCP port.  Each
 connection carries one request (see :mod:`chroot_helper.protocol`):
 
-1. Unix peers are checked with ``SO_PEERCRED`` against ``allow_uids``/``allow_gids`` before a byte is
+1. Unix peers are checked with ``SO_PEERCRED`` against ``allow_uids``/``allow_gids`` before a byte
+is
    read; TCP requests must carry the token.
 2. The request frame is read (within ``request_timeout``), with up to three fds beside it.
 3. The connection counts against ``max_concurrent`` and ``max_per_peer``.
@@ -43,7 +44,7 @@ import socket
 import stat
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -69,7 +70,16 @@ from .protocol import (
     Role,
 )
 
-__all__ = ["Peer", "Channel", "Service", "Handler", "HelperServer", "load_services", "serve"]
+__all__ = [
+    "Peer",
+    "Channel",
+    "Service",
+    "Handler",
+    "HelperServer",
+    "load_services",
+    "serve",
+    "wait_fd",
+]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +200,28 @@ def load_services(config: HelperConfig) -> list[Service]:
     return services
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def wait_fd(fd: int, *, write: bool = False) -> None:
+    """Wait until the non-blocking *fd* is readable (or writable) on the running loop."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[None] = loop.create_future()
+    if write:
+        loop.add_writer(fd, _wake, fut)
+    else:
+        loop.add_reader(fd, _wake, fut)
+    try:
+        await fut
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
 def _recv_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, data in ancdata:
@@ -217,15 +249,6 @@ class _ServerConnection:
         self._write_lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
 
-    async def _wait(self, add: Callable[..., None], remove: Callable[[int], object]) -> None:
-        fut: asyncio.Future[None] = self._loop.create_future()
-        fd = self.sock.fileno()
-        add(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            remove(fd)
-
     async def _read_more(self) -> None:
         while True:
             try:
@@ -233,14 +256,18 @@ class _ServerConnection:
                     _RECV_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
-                await self._wait(self._loop.add_reader, self._loop.remove_reader)
+                await wait_fd(self.sock.fileno())
                 continue
             except ConnectionResetError:
                 data, ancdata, flags = b"", [], 0
             break
         if ancdata:
             fds = _recv_fds(ancdata)
-            if not self.accept_fds or flags & socket.MSG_CTRUNC or len(self.fds) + len(fds) > MAX_FDS:
+            if (
+                not self.accept_fds
+                or flags & socket.MSG_CTRUNC
+                or len(self.fds) + len(fds) > MAX_FDS
+            ):
                 _close_fds(fds)
                 raise RemoteProtocolError(
                     f"file descriptors are accepted only beside the request, at most {MAX_FDS}, "
@@ -340,7 +367,9 @@ class HelperServer:
             pass
         else:
             if not stat.S_ISSOCK(st.st_mode):
-                raise ConfigError(f"[helper] socket = {path!r} exists and is not a socket; remove it")
+                raise ConfigError(
+                    f"[helper] socket = {path!r} exists and is not a socket; remove it"
+                )
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 probe.connect(path)
@@ -377,7 +406,9 @@ class HelperServer:
             sock.bind((host, port))
         except OSError as exc:
             sock.close()
-            raise ConfigError(f"[helper] tcp = {host}:{port}: cannot bind ({exc.strerror})") from None
+            raise ConfigError(
+                f"[helper] tcp = {host}:{port}: cannot bind ({exc.strerror})"
+            ) from None
         sock.listen(128)
         sock.setblocking(False)
         return sock
@@ -426,7 +457,7 @@ class HelperServer:
             raise PeerRefusedError("wrong or missing token on the TCP listener")
 
     @contextlib.contextmanager
-    def _slot(self, peer: Peer) -> Iterable[None]:
+    def _slot(self, peer: Peer) -> Iterator[None]:
         if self._active >= self.config.max_concurrent:
             raise BusyError(
                 f"{self._active} requests are running, the limit [helper] max_concurrent = "
@@ -477,7 +508,8 @@ class HelperServer:
             handler = self.handlers.get(event.op)
             if handler is None:
                 raise RequestError(
-                    f"unknown op {event.op!r}; this helper serves: {', '.join(sorted(self.handlers))}"
+                    f"unknown op {event.op!r}; this helper serves: "
+                    f"{', '.join(sorted(self.handlers))}"
                 )
             log.debug("%s: request %s", peer, event.op)
             with self._slot(peer):
@@ -488,7 +520,9 @@ class HelperServer:
                 finally:
                     _close_fds(channel.take_fds())
         except HelperError as exc:
-            level = logging.WARNING if isinstance(exc, RequestError | ProtocolError) else logging.ERROR
+            level = (
+                logging.WARNING if isinstance(exc, RequestError | ProtocolError) else logging.ERROR
+            )
             log.log(level, "%s: %s", peer or "peer", exc)
             await self._send_error(conn, error_code(exc), str(exc))
         except (ConnectionError, BrokenPipeError) as exc:
@@ -537,4 +571,3 @@ async def serve(
         await stop.wait()
     finally:
         await server.close()
-

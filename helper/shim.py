@@ -15,8 +15,8 @@ Call it once, before entering the jail (ChrootMiddleware has an option for it)::
 
 When not to use it: in new code call :func:`chroot_helper.client.run` directly.  ``os.system`` and
 ``os.popen`` are not routed (they need a shell).  ``shell=True``, ``cwd``, ``preexec_fn``,
-``pass_fds``, ``user``/``group`` are refused with a :class:`CommandError`; ``env`` is ignored, because
-the helper's configuration sets the environment.
+``pass_fds``, ``user``/``group`` are refused with a :class:`CommandError`; ``env`` is ignored,
+because the helper's configuration sets the environment.
 """
 
 from __future__ import annotations
@@ -64,12 +64,12 @@ def _refuse(what: str) -> CommandError:
 
 
 class _RoutedPopen:
-    """Stands in for :class:`subprocess.Popen`; instances are :class:`chroot_helper.client.Popen`."""
+    """Stands in for :class:`subprocess.Popen`; makes :class:`chroot_helper.client.Popen`\\ s."""
 
     def __class_getitem__(cls, item: object) -> type[_RoutedPopen]:
         return cls
 
-    def __new__(  # noqa: PLR0913 - mirrors subprocess.Popen
+    def __new__(  # type: ignore[misc]  # returns a client.Popen, deliberately
         cls,
         args: str | bytes | Sequence[str | bytes],
         bufsize: int = -1,
@@ -98,7 +98,7 @@ class _RoutedPopen:
         umask: int = -1,
         pipesize: int = -1,
         process_group: int | None = None,
-    ) -> client.Popen:  # type: ignore[misc]  # __new__ deliberately returns another class
+    ) -> client.Popen:
         if shell:
             raise _refuse("shell=True (the jail has no /bin/sh; pass an argv list)")
         for name, value in (
@@ -122,7 +122,8 @@ class _RoutedPopen:
             raise CommandError("an empty argv cannot be run")
         if _routed is not None and not ({argv[0], os.path.basename(argv[0])} & _routed):
             raise CommandError(
-                f"{argv[0]!r} is not routed to chroot-helper (routed: {', '.join(sorted(_routed))}) "
+                f"{argv[0]!r} is not routed to chroot-helper "
+                f"(routed: {', '.join(sorted(_routed))}) "
                 "and cannot run inside the jail; configure it as [exec.NAME] in the helper and add "
                 "it to shim.install(commands=...)"
             )

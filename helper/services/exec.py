@@ -37,7 +37,7 @@ from typing import Final
 from ..config import CommandConfig
 from ..errors import CommandError, RemoteProtocolError
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
-from ..server import Channel, Service
+from ..server import Channel, Service, wait_fd
 from .exec_spawn import KILL_TREE, STATUS_EXIT, SpawnSpec, Supervisor, spawn
 
 __all__ = ["ExecService", "FORWARDED_SIGNALS"]
@@ -46,8 +46,15 @@ log = logging.getLogger(__name__)
 
 #: Signals a client may forward to its command's process group.
 FORWARDED_SIGNALS: Final = frozenset(
-    {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGKILL, signal.SIGQUIT, signal.SIGUSR1,
-     signal.SIGUSR2}
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGKILL,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    }
 )
 _MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
@@ -71,7 +78,7 @@ class _Call:
 def _str_list(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise CommandError(f"exec parameter {key!r} must be a list of strings")
-    return tuple(value)  # type: ignore[arg-type]  # every item checked above
+    return tuple(value)
 
 
 class ExecService(Service):
@@ -128,7 +135,9 @@ class ExecService(Service):
         for stream, allowed in _MODES.items():
             mode = params.get(stream, "null")
             if mode not in allowed:
-                raise CommandError(f"exec parameter {stream!r} = {mode!r}; expected one of {allowed}")
+                raise CommandError(
+                    f"exec parameter {stream!r} = {mode!r}; expected one of {allowed}"
+                )
             modes[stream] = str(mode)
         wanted = sum(mode == "fd" for mode in modes.values())
         if wanted != request.fds:
@@ -145,7 +154,7 @@ class ExecService(Service):
     def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
         table = f"[exec.{command.name}]"
         if command.args == "none" and args:
-            raise CommandError(f"{table} takes no arguments (args = \"none\"); got {len(args)}")
+            raise CommandError(f'{table} takes no arguments (args = "none"); got {len(args)}')
         if len(args) > command.max_args:
             raise CommandError(f"{table} allows at most max_args = {command.max_args} arguments")
         for index, arg in enumerate(args, 1):
@@ -201,7 +210,6 @@ class _Run:
         self.channel = channel
         self.passed = passed
         self.running = running
-        self.loop = asyncio.get_running_loop()
         self.output = 0
         self.timed_out = False
         self.output_limited = False
@@ -276,7 +284,9 @@ class _Run:
                 readers, stdin_w = {}, None
                 raise CommandError(f"[exec.{cmd.name}] could not start: {started}")
             await self.channel.send(Started())
-            pumps = [asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()]
+            pumps = [
+                asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()
+            ]
             tasks.extend(pumps)
             readers = {}
             client = asyncio.ensure_future(self._client_events(stdin_w))
@@ -286,7 +296,9 @@ class _Run:
                 returncode = await asyncio.wait_for(status.read_exit(), self.call.timeout)
             except TimeoutError:
                 self.timed_out = True
-                log.warning("%s: %s timed out after %s s", self.channel.peer, cmd.name, self.call.timeout)
+                log.warning(
+                    "%s: %s timed out after %s s", self.channel.peer, cmd.name, self.call.timeout
+                )
                 self.kill()
                 returncode = await status.read_exit()
             # The tree is dead and reaped, so the pipes reach EOF: forward the rest, then EXIT.
@@ -327,7 +339,7 @@ class _Run:
                 try:
                     data = os.read(fd, _CHUNK)
                 except BlockingIOError:
-                    await _wait_fd(self.loop, fd, write=False)
+                    await wait_fd(fd)
                     continue
                 if not data:
                     break
@@ -357,7 +369,9 @@ class _Run:
             while True:
                 event = await self.channel.receive()
                 if event is None:
-                    log.info("%s: client closed; killing %s", self.channel.peer, self.call.command.name)
+                    log.info(
+                        "%s: client closed; killing %s", self.channel.peer, self.call.command.name
+                    )
                     self.kill()
                     return
                 if isinstance(event, Signal):
@@ -373,7 +387,7 @@ class _Run:
                         _close(stdin_w)
                         stdin_w = None
                         continue
-                    if not await _write_all(self.loop, stdin_w, event.data):
+                    if not await _write_all(stdin_w, event.data):
                         _close(stdin_w)
                         stdin_w = None
         except (RemoteProtocolError, ConnectionError) as exc:
@@ -384,24 +398,14 @@ class _Run:
                 _close(stdin_w)
 
 
-async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    add(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        remove(fd)
-
-
-async def _write_all(loop: asyncio.AbstractEventLoop, fd: int, data: bytes) -> bool:
+async def _write_all(fd: int, data: bytes) -> bool:
     """Write *data* to a non-blocking pipe; False once the reader has gone."""
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
-            await _wait_fd(loop, fd, write=True)
+            await wait_fd(fd, write=True)
         except BrokenPipeError:
             return False
     return True
@@ -417,12 +421,11 @@ class _StatusReader:
         self.eof = False
 
     async def _fill(self, need: int) -> None:
-        loop = asyncio.get_running_loop()
         while len(self.buffer) < need and not self.eof:
             try:
                 data = os.read(self.fd, 4096)
             except BlockingIOError:
-                await _wait_fd(loop, self.fd, write=False)
+                await wait_fd(self.fd)
                 continue
             self.buffer += data
             self.eof = not data
@@ -458,4 +461,3 @@ async def _reap(pid: int) -> None:
             return
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.05)
-

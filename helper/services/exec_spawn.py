@@ -5,7 +5,8 @@ Used only by :mod:`chroot_helper.services.exec`; jailed code never imports this.
 
 1. resets signal dispositions and closes every descriptor it does not need (so it never holds
    another connection's pipes open),
-2. becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that detach with ``setsid`` or
+2. becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that detach with ``setsid``
+or
    a double fork are re-parented to it, not to init,
 3. optionally unshares a network namespace (``network = false``) and a PID namespace
    (``pid_namespace = true``), while still root,
@@ -19,8 +20,8 @@ Used only by :mod:`chroot_helper.services.exec`; jailed code never imports this.
    the exit status.
 
 Status pipe (supervisor -> daemon): ``b"S"`` started, or ``b"E" + message`` could not start, then
-``b"X" + int32`` the ``subprocess``-style return code.  Control pipe (daemon -> supervisor): one byte
-per request, a signal number to forward, or ``0`` to kill the tree now.
+``b"X" + int32`` the ``subprocess``-style return code.  Control pipe (daemon -> supervisor): one
+byte per request, a signal number to forward, or ``0`` to kill the tree now.
 """
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ class Helper:
             cwd="/",
         )
         if check and done.returncode != 0:
-            raise AssertionError(f"client failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"client failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
         return done
 
     def log_text(self) -> str:

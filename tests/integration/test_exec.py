@@ -9,10 +9,9 @@ import sys
 from collections.abc import Iterator
 
 import pytest
-from helper_daemon import Helper, processes_with, running_helper, wait_until
-
 from chroot_helper import client
 from chroot_helper.errors import BusyError, CommandError
+from helper_daemon import Helper, processes_with, running_helper, wait_until
 
 COMMANDS = """
 [exec.echo]
@@ -107,7 +106,9 @@ def test_large_output_streams_through_the_helper() -> None:
 
 
 def test_popen_reads_long_output_while_it_is_produced() -> None:
-    with client.Popen(["sh", "for i in 1 2 3; do echo line $i; done; sleep 30"], stdout=client.PIPE) as p:
+    with client.Popen(
+        ["sh", "for i in 1 2 3; do echo line $i; done; sleep 30"], stdout=client.PIPE
+    ) as p:
         assert p.stdout is not None
         assert [p.stdout.readline() for _ in range(3)] == [b"line 1\n", b"line 2\n", b"line 3\n"]
         p.terminate()
@@ -202,7 +203,9 @@ def test_environment_is_clean() -> None:
 
 
 def test_runs_as_nobody_with_rlimits() -> None:
-    done = client.run(["sh", "id -u; ulimit -n; ulimit -t; ulimit -f"], capture_output=True, text=True)
+    done = client.run(
+        ["sh", "id -u; ulimit -n; ulimit -t; ulimit -f"], capture_output=True, text=True
+    )
     uid, nofile, cpu, fsize = done.stdout.split()
     assert uid == "65534"
     assert nofile == "256"
@@ -240,7 +243,9 @@ def test_per_peer_concurrency_limit_leaves_others_served(helper: Helper) -> None
         with pytest.raises(BusyError, match=r"max_per_peer = 3"):
             client.run(["echo", "one too many"])
         # Another peer process is still served.
-        other = helper.run_client("print(client.run(['echo', 'other'], capture_output=True).stdout)")
+        other = helper.run_client(
+            "print(client.run(['echo', 'other'], capture_output=True).stdout)"
+        )
         assert other.stdout.strip() == "b'other\\n'"
     finally:
         for proc in procs:

@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helper_daemon import Helper, running_helper
-
 from chroot_helper import client, protocol
+from helper_daemon import Helper, running_helper
 
 COMMANDS = """
 [exec.echo]
@@ -43,7 +42,9 @@ def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> li
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(path)
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
         try:
             sock.sendmsg([payload], anc)
         except BrokenPipeError:
@@ -85,7 +86,9 @@ def test_peer_uid_not_in_allow_uids_is_refused(helper: Helper) -> None:
 
 
 def test_allowed_uid_is_served(helper: Helper) -> None:
-    done = helper.run_client("print(client.run(['echo', 'www'], capture_output=True).stdout)", user=33)
+    done = helper.run_client(
+        "print(client.run(['echo', 'www'], capture_output=True).stdout)", user=33
+    )
     assert done.stdout.strip() == "b'www\\n'"
 
 
@@ -101,7 +104,9 @@ def test_allowed_uid_is_served(helper: Helper) -> None:
         pytest.param(protocol.HEADER.pack(b"CH", 1, 2, 3) + b"\x00ab", id="data-before-request"),
     ],
 )
-def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(payload: bytes, helper: Helper) -> None:
+def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(
+    payload: bytes, helper: Helper
+) -> None:
     with client.Popen(["cat"], stdin=client.PIPE, stdout=client.PIPE) as busy:
         assert busy.stdin is not None and busy.stdout is not None
         events = _raw_exchange(helper.socket, payload)
@@ -120,9 +125,13 @@ def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(payload: bytes
 
 def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "args": "not a list"}))
-    assert events == [protocol.Error(code="command", message="exec parameter 'args' must be a list of strings")]
+    assert events == [
+        protocol.Error(code="command", message="exec parameter 'args' must be a list of strings")
+    ]
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "stdout": "fd"}))
-    assert events == [protocol.Error(code="command", message="1 streams use mode 'fd' but 0 fds were passed")]
+    assert events == [
+        protocol.Error(code="command", message="1 streams use mode 'fd' but 0 fds were passed")
+    ]
     _assert_still_serving()
 
 
@@ -189,7 +198,9 @@ def test_client_and_shim_work_from_an_empty_chroot(helper: Helper) -> None:
         "except errors.CommandError as exc:\n"
         "    print('refused:', exc)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=helper.env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=helper.env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[:3] == ["jailed", "via shim", "typed"]
@@ -226,7 +237,8 @@ def test_tcp_listener_needs_the_token() -> None:
         extra = f'tcp = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n'
         with running_helper(COMMANDS, helper_table=extra) as tcp_helper:
             good = tcp_helper.env(
-                CHROOT_HELPER_ADDRESS=f"127.0.0.1:{port}", CHROOT_HELPER_TOKEN="s3cret-token-0123456789"
+                CHROOT_HELPER_ADDRESS=f"127.0.0.1:{port}",
+                CHROOT_HELPER_TOKEN="s3cret-token-0123456789",
             )
             code = "print(client.run(['echo', 'over tcp'], capture_output=True).stdout)"
             assert tcp_helper.run_client(code, env=good).stdout.strip() == "b'over tcp\\n'"
@@ -240,7 +252,8 @@ def test_tcp_listener_needs_the_token() -> None:
 
 def test_refused_error_type_is_rebuilt_on_the_client(helper: Helper) -> None:
     done = helper.run_client(
-        "try:\n    client.run(['echo'])\nexcept errors.PeerRefusedError as exc:\n    print('refused')\n",
+        "try:\n    client.run(['echo'])\n"
+        "except errors.PeerRefusedError as exc:\n    print('refused')\n",
         user=65534,
     )
     assert done.stdout.strip() == "refused"
@@ -261,8 +274,9 @@ def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     assert "[exec.echo] timeout = -1" in done.stderr
 
 
-def test_unreachable_helper_names_the_socket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_unreachable_helper_names_the_socket(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CHROOT_HELPER_SOCKET", str(tmp_path / "absent.sock"))
     with pytest.raises(client.HelperUnavailable, match=r"absent\.sock.*CHROOT_HELPER_SOCKET"):
         client.run(["echo"])
-
