@@ -79,6 +79,7 @@ DEFAULT_SOCKET: Final = "/run/chroot-helper.sock"
 #: Grace, in seconds, past the command's timeout for the helper's final EXIT frame.
 _GRACE: Final = 5.0
 _CHUNK: Final = MAX_DATA_PAYLOAD - 1
+_RECV: Final = 1 << 20
 
 Stream = int | IO[bytes] | IO[str] | None
 
@@ -164,6 +165,8 @@ class _Session:
         self.is_unix = self.sock.family == socket.AF_UNIX
         self.conn = Connection(Role.CLIENT)
         self.fds = fds
+        self._rbuf = bytearray(_RECV)  # reused: no fresh pages per read
+        self._view = memoryview(self._rbuf)
         params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
         if timeout is not None:
             params["timeout"] = timeout
@@ -187,6 +190,7 @@ class _Session:
 
     def close(self) -> None:
         self.sock.close()
+        self._view.release()
 
     def send(self, event: Data | Signal) -> None:
         if self.conn.our_state is State.DONE or self.sock.fileno() < 0:
@@ -211,11 +215,15 @@ class _Session:
             if event is not NEED_DATA:
                 self.close()
                 raise RemoteProtocolError(f"expected STARTED, got {type(event).__name__}")
-            try:
-                data = self.sock.recv(MAX_DATA_PAYLOAD + 64)
-            except ConnectionResetError:
-                data = b""
-            self.conn.receive_data(data)
+            self.pull()
+
+    def pull(self) -> None:
+        """Receive what the socket has (blocking unless it is non-blocking) into the parser."""
+        try:
+            count = self.sock.recv_into(self._rbuf)
+        except ConnectionResetError:
+            count = 0
+        self.conn.receive_data(self._view[:count])
 
     def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
         """Block (until *deadline*) for the next frame from the helper, skipping STARTED."""
@@ -234,14 +242,9 @@ class _Session:
                     raise TimeoutError
                 self.sock.settimeout(remaining)
             try:
-                data = self.sock.recv(MAX_DATA_PAYLOAD + 64)
-            except TimeoutError:
-                raise TimeoutError from None
-            except ConnectionResetError:
-                data = b""
+                self.pull()
             finally:
                 self.sock.settimeout(None)
-            self.conn.receive_data(data)
 
 
 def _raise_error(event: Error) -> None:
@@ -439,12 +442,9 @@ def _exchange(
                         sel.modify(sock, selectors.EVENT_READ)
                 if mask & selectors.EVENT_READ:
                     try:
-                        data = sock.recv(MAX_DATA_PAYLOAD + 64)
+                        session.pull()
                     except BlockingIOError:
                         continue
-                    except ConnectionResetError:
-                        data = b""
-                    session.conn.receive_data(data)
 
 
 def _write_fd(fd: int, data: bytes) -> None:

@@ -404,7 +404,7 @@ class Connection:
         """Bytes received but not yet turned into events."""
         return len(self._buffer) - self._offset
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Feed bytes read from the peer; ``b""`` means the peer closed its end."""
         if not data:
             self._eof = True
@@ -447,9 +447,16 @@ class Connection:
                 raise RemoteProtocolError("connection closed inside a frame")
             return NEED_DATA
         start = self._offset + HEADER.size
-        payload = bytes(self._buffer[start : start + length])
         self._offset = start + length
-        event = decode_frame(kind, payload)
+        with memoryview(self._buffer) as view:
+            if kind == _DATA:  # the hot path: one copy, straight into the event
+                if view[start] not in (STDIN, STDOUT, STDERR):
+                    raise RemoteProtocolError(f"Data stream {view[start]} is not 0, 1 or 2")
+                event: Event = Data(
+                    stream=view[start], data=bytes(view[start + 1 : start + length])
+                )
+            else:
+                event = decode_frame(kind, bytes(view[start : start + length]))
         self._check_receive(event)
         return event
 

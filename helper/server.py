@@ -85,6 +85,7 @@ log = logging.getLogger(__name__)
 
 _PEERCRED: Final = struct.Struct("3i")
 _RECV_SIZE: Final = 256 * 1024
+_SNDBUF: Final = 2 << 20
 _FD_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
 
@@ -428,6 +429,8 @@ class HelperServer:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
+            with contextlib.suppress(OSError):  # room for a few DATA frames in flight
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
             self._spawn(self._serve_connection(sock, address))
 
     def _peer_of(self, sock: socket.socket, address: object) -> Peer:
