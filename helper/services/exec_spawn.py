@@ -3,8 +3,8 @@
 Used only by :mod:`chroot_helper.services.exec`; jailed code never imports this.  The daemon forks a
 *supervisor* per command; the supervisor, in a fixed order:
 
-1. resets signal dispositions and closes every descriptor it does not need (so it never holds
-   another connection's pipes open),
+1. takes over the daemon's signal handlers and closes every descriptor it does not need (so it
+   never holds another connection's pipes open),
 2. becomes a child subreaper (``PR_SET_CHILD_SUBREAPER``): descendants that detach with ``setsid``
 or
    a double fork are re-parented to it, not to init,
@@ -52,6 +52,10 @@ _CLONE_NEWPID: Final = 0x20000000
 _AS_MARGIN: Final = 32 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+#: Every signal the command gets at its default disposition (all but KILL and STOP).
+_RESET_SIGNALS: Final = tuple(
+    sig for sig in signal.valid_signals() if sig not in (signal.SIGKILL, signal.SIGSTOP)
+)
 
 
 def _check(result: int, what: str) -> None:
@@ -149,15 +153,10 @@ def _vm_size() -> int:
 
 def _supervise(spec: SpawnSpec, status_w: int, control_r: int) -> None:  # pragma: no cover
     """The supervisor's whole life (runs in the forked child)."""
+    # The daemon's loop handles TERM/INT/HUP through its wakeup fd: replace all three (below),
+    # and keep SIGPIPE ignored, so that a write to a vanished daemon cannot kill the supervisor
+    # before it has cleaned up.  The command gets default dispositions from posix_spawn.
     signal.set_wakeup_fd(-1)
-    for sig in range(1, signal.NSIG):
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            continue
-        try:
-            signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):
-            pass
-    # A write to a vanished daemon must not kill the supervisor before it has cleaned up.
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     std = {spec.stdin, spec.stdout, spec.stderr}
     _close_all_but(std | {status_w, control_r, 0, 1, 2})
@@ -197,7 +196,7 @@ def _supervise(spec: SpawnSpec, status_w: int, control_r: int) -> None:  # pragm
             file_actions=actions,
             setsid=True,
             setsigmask=(),
-            setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGXCPU, signal.SIGCHLD),
+            setsigdef=_RESET_SIGNALS,
         )
     except OSError as exc:
         detail = exc.strerror or str(exc)
