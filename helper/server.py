@@ -59,6 +59,7 @@ from .errors import (
     RequestError,
     error_code,
 )
+from .privileges import drop_capabilities
 from .protocol import (
     CLOSED,
     MAX_FDS,
@@ -162,6 +163,9 @@ class Service:
     """
 
     name = "service"
+    #: Capabilities (numbers, see :mod:`chroot_helper.privileges`) this service needs after start
+    #: when the daemon runs as root; every other capability is dropped.
+    capabilities: frozenset[int] = frozenset()
 
     async def start(self) -> None:
         """Start listeners or background tasks of this service on the running loop."""
@@ -327,6 +331,12 @@ class HelperServer:
             for service in reversed(started):
                 await service.stop()
             self._close_listeners()
+            raise
+        keep = frozenset().union(*(service.capabilities for service in self.services))
+        try:
+            drop_capabilities(keep)
+        except BaseException:
+            await self.close()
             raise
         for listener in self._listeners:
             self._spawn(self._accept_loop(listener))

@@ -36,6 +36,7 @@ from typing import Final
 
 from ..config import CommandConfig
 from ..errors import CommandError, RemoteProtocolError
+from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
 from .exec_spawn import KILL_TREE, STATUS_EXIT, SpawnSpec, Supervisor, spawn
@@ -96,6 +97,10 @@ class ExecService(Service):
             for key in {cmd.argv[0], os.path.basename(cmd.argv[0])}:
                 self._by_path.setdefault(key, []).append(cmd.name)
         self._running: set[Supervisor] = set()
+        caps = {CAP_SETUID, CAP_SETGID}
+        if any(not cmd.network or cmd.pid_namespace for cmd in commands.values()):
+            caps.add(CAP_SYS_ADMIN)
+        self.capabilities = frozenset(caps)
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first)."""

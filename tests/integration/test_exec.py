@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from chroot_helper import client
@@ -272,3 +273,16 @@ def test_cli_exec_passes_the_exit_status_through(helper: Helper) -> None:
     )
     assert refused.returncode == 125
     assert "'rm' is not allowed" in refused.stderr
+
+
+def test_helper_keeps_only_the_capabilities_it_needs(helper: Helper) -> None:
+    text = Path(f"/proc/{helper.proc.pid}/status").read_text()
+    status = dict(line.split(":\t", 1) for line in text.splitlines())
+    # CAP_SETGID (6), CAP_SETUID (7), and CAP_SYS_ADMIN (21) for network = false / pid_namespace.
+    expected = (1 << 6) | (1 << 7) | (1 << 21)
+    for key in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[key], 16) == expected, key
+    assert int(status["CapInh"], 16) == 0
+    # Commands inherit that bounding set, so not even a user = "root" command gets more.
+    done = client.run(["sh", "grep CapBnd /proc/self/status"], capture_output=True, text=True)
+    assert int(done.stdout.split()[1], 16) == expected
