@@ -151,7 +151,7 @@ def test_extra_fds_are_refused_and_closed(helper: Helper) -> None:
     _assert_still_serving()
 
 
-def test_setuid_binary_does_not_elevate() -> None:
+def test_setuid_binary_does_not_elevate(monkeypatch: pytest.MonkeyPatch) -> None:
     bindir = Path(tempfile.mkdtemp(prefix="chroot-helper-suid-"))
     try:
         bindir.chmod(0o755)
@@ -165,11 +165,8 @@ def test_setuid_binary_does_not_elevate() -> None:
         )
         assert "euid=0(root)" in control.stdout
         with running_helper(f'[exec.suid-id]\nargv = ["{suid_id}"]\nuser = "nobody"\n') as helper:
-            os.environ["CHROOT_HELPER_SOCKET"] = helper.socket
-            try:
-                done = client.run(["suid-id"], capture_output=True, text=True)
-            finally:
-                del os.environ["CHROOT_HELPER_SOCKET"]
+            monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
+            done = client.run(["suid-id"], capture_output=True, text=True)
         assert done.stdout.startswith("uid=65534(nobody) gid=65534(nogroup)")
         assert "euid" not in done.stdout
     finally:
@@ -280,3 +277,42 @@ def test_unreachable_helper_names_the_socket(
     monkeypatch.setenv("CHROOT_HELPER_SOCKET", str(tmp_path / "absent.sock"))
     with pytest.raises(client.HelperUnavailable, match=r"absent\.sock.*CHROOT_HELPER_SOCKET"):
         client.run(["echo"])
+
+
+def test_global_concurrency_limit_refuses_every_peer_then_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with running_helper(COMMANDS, helper_table="max_concurrent = 2") as small:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", small.socket)
+        procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
+        try:
+            code = "client.run(['echo', 'x'])"
+            refused = small.run_client(code, check=False)
+            assert "BusyError: 2 requests are running" in refused.stderr
+            assert "max_concurrent = 2" in refused.stderr
+        finally:
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait()
+        assert [proc.returncode for proc in procs] == [0, 0]
+        assert small.run_client("client.run(['echo', 'x'])").returncode == 0
+
+
+def test_idle_connection_is_dropped_after_request_timeout() -> None:
+    with running_helper(COMMANDS, helper_table="request_timeout = 0.5") as quick:
+        events = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(quick.socket)
+            conn = protocol.Connection(protocol.Role.CLIENT)
+            conn.send(protocol.Request(op="exec"))  # pretend we sent it; we send nothing at all
+            while data := sock.recv(65536):
+                conn.receive_data(data)
+                while (event := conn.next_event()) is not protocol.NEED_DATA:
+                    events.append(event)
+        assert events == [
+            protocol.Error(
+                code="protocol", message="no request within [helper] request_timeout = 0.5 s"
+            )
+        ]
