@@ -221,32 +221,43 @@ class _Run:
         self.sup: Supervisor | None = None
 
     def _pipes(self) -> tuple[list[int], int | None, dict[int, int]]:
-        """Return (child fds [in, out, err], our stdin write end, {our read end: stream})."""
+        """Return (child fds [in, out, err], our stdin write end, {our read end: stream}).
+
+        On failure, closes what it opened (the passed fds stay with the caller).
+        """
         modes = self.call.modes
         passed = iter(self.passed)
         child: list[int] = []
         stdin_w: int | None = None
         readers: dict[int, int] = {}
-        for index, stream in enumerate(("stdin", "stdout", "stderr")):
-            mode = modes[stream]
-            if mode == "fd":
-                child.append(next(passed))
-            elif mode == "null":
-                child.append(os.open(os.devnull, os.O_RDONLY if index == 0 else os.O_WRONLY))
-            elif mode == "stdout":
-                child.append(child[1])
-            else:
-                r, w = os.pipe()
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(r, _F_SETPIPE_SZ, _PIPE_SIZE)
-                if index == 0:
-                    child.append(r)
-                    stdin_w = w
-                    os.set_blocking(w, False)
+        opened: list[int] = []
+        try:
+            for index, stream in enumerate(("stdin", "stdout", "stderr")):
+                mode = modes[stream]
+                if mode == "fd":
+                    child.append(next(passed))
+                elif mode == "null":
+                    fd = os.open(os.devnull, os.O_RDONLY if index == 0 else os.O_WRONLY)
+                    opened.append(fd)
+                    child.append(fd)
+                elif mode == "stdout":
+                    child.append(child[1])
                 else:
-                    child.append(w)
-                    readers[r] = index
-                    os.set_blocking(r, False)
+                    r, w = os.pipe()
+                    opened += (r, w)
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(r, _F_SETPIPE_SZ, _PIPE_SIZE)
+                    if index == 0:
+                        child.append(r)
+                        stdin_w = w
+                        os.set_blocking(w, False)
+                    else:
+                        child.append(w)
+                        readers[r] = index
+                        os.set_blocking(r, False)
+        except BaseException:
+            _close_all(opened)
+            raise
         return child, stdin_w, readers
 
     async def run(self) -> None:
