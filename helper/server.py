@@ -109,8 +109,11 @@ class Peer:
 
     @property
     def key(self) -> str:
-        """What ``max_per_peer`` counts by: the peer process, or the TCP client address."""
-        return f"pid:{self.pid}" if self.transport == "unix" else f"tcp:{self.address}"
+        """What ``max_per_peer`` counts by: the peer process, or the TCP client host (all TCP
+        clients are local, and each connection has its own source port)."""
+        if self.transport == "unix":
+            return f"pid:{self.pid}"
+        return "tcp:" + self.address.rsplit(":", 1)[0]
 
     def __str__(self) -> str:
         if self.transport == "unix":

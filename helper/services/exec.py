@@ -165,6 +165,10 @@ class ExecService(Service):
         for index, arg in enumerate(args, 1):
             if "\0" in arg:
                 raise CommandError(f"{table} argument {index} contains a NUL byte")
+            try:
+                os.fsencode(arg)
+            except UnicodeEncodeError:
+                raise CommandError(f"{table} argument {index} is not valid text") from None
             if isinstance(command.args, tuple) and not any(p.fullmatch(arg) for p in command.args):
                 raise CommandError(
                     f"{table} argument {index} {arg!r} matches none of the allowed patterns "

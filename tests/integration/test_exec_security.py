@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from chroot_helper import client, protocol
+from chroot_helper.errors import CommandError
 from helper_daemon import Helper, running_helper
 
 COMMANDS = """
@@ -128,6 +129,12 @@ def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
     assert events == [
         protocol.Error(code="command", message="exec parameter 'args' must be a list of strings")
     ]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "args": ["\ud800"]}))
+    assert events == [
+        protocol.Error(code="command", message="[exec.echo] argument 1 is not valid text")
+    ]
+    with pytest.raises(CommandError, match=r"\[exec\.echo\] argument 2 contains a NUL byte"):
+        client.run(["echo", "fine", "nul\0byte"])
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "stdout": "fd"}))
     assert events == [
         protocol.Error(code="command", message="1 streams use mode 'fd' but 0 fds were passed")

@@ -186,7 +186,7 @@ def test_buffer_is_compacted_as_frames_are_consumed() -> None:
     assert server.buffered == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.binary(max_size=2048))
 def test_random_bytes_only_ever_raise_remote_protocol_error(data: bytes) -> None:
     server = Connection(Role.SERVER)
@@ -199,7 +199,7 @@ def test_random_bytes_only_ever_raise_remote_protocol_error(data: bytes) -> None
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(st.binary(min_size=0, max_size=512), st.integers(min_value=1, max_value=7))
 def test_random_payloads_under_valid_headers_only_raise_remote_protocol_error(
     payload: bytes, kind: int
