@@ -470,14 +470,18 @@ class _StatusReader:
 
 
 async def _reap(pid: int) -> None:
-    """Reap the supervisor without blocking the loop for long."""
-    delay = 0.0005
-    while True:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if done:
-            return
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    """Reap the supervisor as soon as it exits, without blocking the loop (a pidfd turns
+    readable when the process ends)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfd = -1
+    try:
+        if pidfd >= 0:
+            await wait_fd(pidfd)
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    finally:
+        if pidfd >= 0:
+            os.close(pidfd)
