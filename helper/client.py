@@ -230,7 +230,11 @@ class _Session:
         while True:
             event = self.conn.next_event()
             if event is CLOSED:
-                raise RemoteProtocolError("the helper closed the connection without a reply")
+                self.close()
+                raise HelperUnavailable(
+                    "the connection to chroot-helper ended before the command's exit status; "
+                    "the helper stopped (its commands are killed when it does)"
+                )
             if isinstance(event, Started):
                 continue
             if event is not NEED_DATA:
@@ -548,7 +552,8 @@ class Popen:
                 except BrokenPipeError:
                     pass
         try:
-            self.wait()
+            if self._session.sock.fileno() >= 0:  # not after an error or a lost helper
+                self.wait()
         finally:
             self._session.close()
 
@@ -566,7 +571,7 @@ class Popen:
 
     def poll(self) -> int | None:
         """Return the return code if the command has finished, else None."""
-        if self.returncode is not None:
+        if self.returncode is not None or self._session.sock.fileno() < 0:
             return self.returncode
         try:
             event = self._session.recv_event(time.monotonic())

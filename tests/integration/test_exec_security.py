@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from chroot_helper import client, protocol
 from chroot_helper.errors import CommandError
-from helper_daemon import Helper, running_helper
+from helper_daemon import Helper, processes_with, running_helper, wait_until
 
 COMMANDS = """
 [exec.echo]
@@ -323,3 +323,43 @@ def test_idle_connection_is_dropped_after_request_timeout() -> None:
                 code="protocol", message="no request within [helper] request_timeout = 0.5 s"
             )
         ]
+
+
+def test_commands_die_with_the_helper_and_a_restart_reuses_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with running_helper('[exec.sh]\nargv = ["/bin/sh", "-c"]\nargs = "any"\n') as doomed:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", doomed.socket)
+        with client.Popen(
+            ["sh", "setsid sleep 3701 & echo up; sleep 3702"], stdout=client.PIPE
+        ) as p:
+            assert p.stdout is not None
+            assert p.stdout.readline() == b"up\n"
+            wait_until(lambda: len(processes_with("sleep 370")) == 2, what="both sleeps")
+            doomed.proc.kill()  # no cleanup in the daemon: the supervisors must notice alone
+            doomed.proc.wait()
+            wait_until(lambda: processes_with("sleep 370") == [], what="the orphaned tree to die")
+            with pytest.raises(client.HelperUnavailable, match="the helper stopped"):
+                p.wait()
+        # The dead helper left its socket file behind; a new one replaces the stale socket.
+        assert os.path.exists(doomed.socket)
+        log = doomed.base / "restart.log"
+        with open(log, "wb") as log_fh:
+            again = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chroot_helper.cli",
+                    "serve",
+                    "--config",
+                    str(doomed.config),
+                ],
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(lambda: "serving" in log.read_text(), what="the restarted helper")
+            assert client.run(["sh", "echo back"], capture_output=True).stdout == b"back\n"
+        finally:
+            again.terminate()
+            again.wait(10)
