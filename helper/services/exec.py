@@ -39,7 +39,7 @@ from ..errors import CommandError, RemoteProtocolError
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
-from .exec_spawn import KILL_TREE, STATUS_EXIT, SpawnSpec, Supervisor, spawn
+from .exec_spawn import KILL_TREE, STATUS_EXIT, Forker, SpawnSpec, Supervisor, spawn
 
 __all__ = ["ExecService", "FORWARDED_SIGNALS"]
 
@@ -101,11 +101,38 @@ class ExecService(Service):
         if any(not cmd.network or cmd.pid_namespace for cmd in commands.values()):
             caps.add(CAP_SYS_ADMIN)
         self.capabilities = frozenset(caps)
+        self._forker: Forker | None = None
+        self._forker_pids: list[int] = []
+
+    async def start(self) -> None:
+        """Start the forker that keeps supervisors ready (see :class:`Forker`)."""
+        if self.commands:
+            self._forker = Forker.start(self.capabilities)
+            self._forker_pids.append(self._forker.pid)
+
+    def spawn(self, spec: SpawnSpec) -> Supervisor:
+        """Start a supervisor for *spec*: from the forker's pool, else by forking here."""
+        if self._forker is not None:
+            try:
+                return self._forker.spawn(spec)
+            except BlockingIOError:
+                log.info("the forker's queue is full; forking a supervisor in the daemon")
+            except OSError as exc:
+                log.warning("the forker is gone (%s); forking supervisors in the daemon", exc)
+                self._forker.close()
+                self._forker = None
+        return spawn(spec)
 
     async def stop(self) -> None:
-        """Kill every tree still running (normally none: connections end first)."""
+        """Kill every tree still running (normally none: connections end first), stop the forker."""
         for sup in list(self._running):
             _close(sup.control_fd)
+        if self._forker is not None:
+            self._forker.close()
+            self._forker = None
+        for pid in self._forker_pids:
+            await _reap(pid)
+        self._forker_pids.clear()
 
     def resolve(self, name: str) -> CommandConfig:
         """Find the command a caller means by *name*: table name, argv[0], or its basename."""
@@ -183,7 +210,7 @@ class ExecService(Service):
         except BaseException:
             _close_all(passed)
             raise
-        await _Run(call, channel, passed, self._running).run()
+        await _Run(call, channel, passed, self).run()
 
 
 def _close(fd: int) -> None:
@@ -213,12 +240,13 @@ class _Run:
     """One command's life on the daemon side."""
 
     def __init__(
-        self, call: _Call, channel: Channel, passed: list[int], running: set[Supervisor]
+        self, call: _Call, channel: Channel, passed: list[int], service: ExecService
     ) -> None:
         self.call = call
         self.channel = channel
         self.passed = passed
-        self.running = running
+        self.service = service
+        self.running = service._running
         self.output = 0
         self.timed_out = False
         self.output_limited = False
@@ -286,7 +314,7 @@ class _Run:
                 network=cmd.network,
                 pid_namespace=cmd.pid_namespace,
             )
-            self.sup = spawn(spec)
+            self.sup = self.service.spawn(spec)
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
             raise
@@ -294,7 +322,7 @@ class _Run:
             _close_all(sorted(set(child_fds) | set(self.passed)))
         sup = self.sup
         self.running.add(sup)
-        log.info("%s: exec %s pid %d", self.channel.peer, cmd.name, sup.pid)
+        log.info("%s: exec %s", self.channel.peer, cmd.name)
         status = _StatusReader(sup.status_fd)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -340,7 +368,8 @@ class _Run:
             status.close()
             _close(sup.control_fd)  # kills the tree if it still runs
             self.running.discard(sup)
-            await _reap(sup.pid)
+            if sup.pid is not None:
+                await _reap(sup.pid)
 
     def kill(self) -> None:
         """Ask the supervisor to SIGKILL the whole tree now."""

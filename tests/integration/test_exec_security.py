@@ -6,6 +6,7 @@ import array
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -363,3 +364,21 @@ def test_commands_die_with_the_helper_and_a_restart_reuses_the_socket(
         finally:
             again.terminate()
             again.wait(10)
+
+
+def test_exec_keeps_working_when_the_forker_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_helper(COMMANDS) as alone:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", alone.socket)
+        assert client.run(["echo", "pooled"], capture_output=True).stdout == b"pooled\n"
+        pid = alone.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert len(children) == 1  # the forker; supervisors are its children, not the daemon's
+        forker = int(children[0])
+        pooled = Path(f"/proc/{forker}/task/{forker}/children").read_text().split()
+        assert len(pooled) >= 1
+        os.kill(forker, signal.SIGKILL)
+        # Its idle supervisors notice and exit; the daemon forks supervisors itself from now on.
+        wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pooled), what="pool exit")
+        assert client.run(["echo", "fallback"], capture_output=True).stdout == b"fallback\n"
+        assert client.run(["echo", "again"], capture_output=True).stdout == b"again\n"
+        assert "the forker is gone" in alone.log_text()
