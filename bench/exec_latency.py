@@ -172,11 +172,29 @@ def host_rate(workers: int, seconds: float) -> float:
     return sum(counts) / seconds
 
 
+def reporting(target, *args):  # type: ignore[no-untyped-def]
+    """Run *target* in a worker; a failure reaches the parent instead of leaving it waiting."""
+    queue = args[-1]
+    try:
+        target(*args)
+    except BaseException as exc:
+        queue.put(exc)
+        raise
+
+
+def collect(queue, count: int) -> list[float]:  # type: ignore[no-untyped-def]
+    values = [queue.get(timeout=600) for _ in range(count)]
+    for value in values:
+        if isinstance(value, BaseException):
+            raise SystemExit(f"a benchmark worker failed: {value!r}")
+    return values
+
+
 def in_child(target, *args):  # type: ignore[no-untyped-def]
     queue: multiprocessing.Queue[float] = multiprocessing.Queue()
-    proc = multiprocessing.Process(target=target, args=(*args, queue))
+    proc = multiprocessing.Process(target=reporting, args=(target, *args, queue))
     proc.start()
-    value = queue.get()
+    (value,) = collect(queue, 1)
     proc.join()
     return value
 
@@ -228,12 +246,14 @@ def main() -> None:
         host_cps = host_rate(ns.workers, ns.seconds)
         queue: multiprocessing.Queue[float] = multiprocessing.Queue()
         procs = [
-            multiprocessing.Process(target=helper_rate_worker, args=(jail, ns.seconds, queue))
+            multiprocessing.Process(
+                target=reporting, args=(helper_rate_worker, jail, ns.seconds, queue)
+            )
             for _ in range(ns.workers)
         ]
         for worker in procs:
             worker.start()
-        total = sum(queue.get() for _ in procs)
+        total = sum(collect(queue, len(procs)))
         for worker in procs:
             worker.join()
         via_cps = total / ns.seconds

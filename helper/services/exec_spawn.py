@@ -36,6 +36,7 @@ from __future__ import annotations
 import array
 import contextlib
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -237,6 +238,8 @@ def _run(spec: SpawnSpec, status_w: int, control_r: int, wake_r: int) -> None:  
         )
     except OSError as exc:
         detail = exc.strerror or str(exc)
+        if exc.errno == errno.EAGAIN:
+            detail += " (the user already runs max_processes processes; raise max_processes)"
         os.write(status_w, STATUS_ERROR + f"{spec.argv[0]}: {detail}".encode()[:2000])
         return
     for fd in std:
@@ -467,25 +470,34 @@ class Forker:
 def _forker_main(fd: int, capabilities: frozenset[int]) -> None:  # pragma: no cover
     gc.disable()  # never let a collected copy of a daemon object close a reused fd number
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     _close_all_but({fd, 0, 1, 2})
+    # Reap supervisors as soon as they exit: zombies still count against the commands' user's
+    # RLIMIT_NPROC (max_processes).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     drop_capabilities(capabilities)
     idle: list[int] = []  # our ends of the pooled supervisors' socket pairs
     poller = select.poll()
     poller.register(fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     try:
         while True:
             while len(idle) < POOL_SIZE:
                 idle.append(_fork_idle())
-            ready = poller.poll(500)
+            ready = {ready_fd for ready_fd, _ in poller.poll()}
+            if wake_r in ready:
+                os.read(wake_r, 4096)
             while True:  # reap finished supervisors
                 try:
                     if os.waitpid(-1, os.WNOHANG)[0] == 0:
                         break
                 except ChildProcessError:
                     break
-            if not ready:
+            if fd not in ready:
                 continue
             while True:  # every job queued
                 try:
