@@ -42,6 +42,7 @@ max_per_peer = 64
 [exec.true]
 argv = ["/bin/true"]
 user = "{user}"
+max_processes = 4096
 
 [exec.cat]
 argv = ["/bin/cat"]

@@ -22,7 +22,7 @@ Example::
 
 Security-relevant defaults: commands run as ``nobody`` with an environment holding only ``PATH``
 (plus ``env``), in ``/``, with ``no_new_privs``, no supplementary groups, and rlimits (``cpu`` =
-timeout, ``max_memory = "1G"``, ``max_processes = 64``, ``max_open_files = 256``,
+timeout, ``max_memory = "1G"``, ``max_processes = 256``, ``max_open_files = 256``,
 ``max_file_size = "64M"``).  Set ``network = false`` to give a command an empty network namespace.
 """
 
@@ -79,7 +79,9 @@ class CommandConfig:
     :param max_args: most extra arguments a caller may pass.
     :param cpu: RLIMIT_CPU seconds (default: ``timeout`` rounded up).
     :param max_memory: RLIMIT_AS bytes, or None for no limit.
-    :param max_processes: RLIMIT_NPROC (counted per uid by the kernel), or None.
+    :param max_processes: RLIMIT_NPROC, or None.  The kernel counts every process of the uid,
+        supervisors included (one per running command), so allow about 2 x max_concurrent
+        plus what the commands fork.
     :param max_open_files: RLIMIT_NOFILE.
     :param max_file_size: RLIMIT_FSIZE bytes, or None.
     :param network: False runs the command in a new, empty network namespace (needs root).
@@ -101,7 +103,7 @@ class CommandConfig:
     max_args: int = 256
     cpu: int | None = None
     max_memory: int | None = 1 << 30
-    max_processes: int | None = 64
+    max_processes: int | None = 256
     max_open_files: int = 256
     max_file_size: int | None = 64 << 20
     network: bool = True
@@ -511,7 +513,7 @@ def _parse_command(name: str, raw: object) -> CommandConfig:
         max_args=table.int_("max_args", 256, minimum=0),
         cpu=cpu,
         max_memory=table.size("max_memory", 1 << 30),
-        max_processes=None if processes == "unlimited" else table.int_("max_processes", 64),
+        max_processes=None if processes == "unlimited" else table.int_("max_processes", 256),
         max_open_files=table.int_("max_open_files", 256, minimum=4),
         max_file_size=table.size("max_file_size", 64 << 20),
         network=network,
