@@ -314,6 +314,12 @@ def _kill_tree(child: int) -> None:  # pragma: no cover
     """SIGKILL the command's process group and every descendant left; reap them all."""
     _signal_group(child, signal.SIGKILL)
     while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # nothing left: the common case, without reading /proc
+        if pid:
+            continue
         for pid in _children():
             _signal_group(pid, signal.SIGKILL)
         try:
@@ -486,9 +492,11 @@ def _forker_main(fd: int, capabilities: frozenset[int]) -> None:  # pragma: no c
     poller.register(wake_r, select.POLLIN)
     try:
         while True:
-            while len(idle) < POOL_SIZE:
+            # Jobs come first: refill the pool one fork at a time, only when none is waiting.
+            ready = {ready_fd for ready_fd, _ in poller.poll(0 if len(idle) < POOL_SIZE else None)}
+            if not ready:
                 idle.append(_fork_idle())
-            ready = {ready_fd for ready_fd, _ in poller.poll()}
+                continue
             if wake_r in ready:
                 os.read(wake_r, 4096)
             while True:  # reap finished supervisors
