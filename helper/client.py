@@ -29,7 +29,6 @@ passed to the command, so ``max_output`` does not apply to them (``max_file_size
 
 from __future__ import annotations
 
-import array
 import io
 import os
 import selectors
@@ -40,6 +39,7 @@ from collections.abc import Sequence
 from typing import IO, Final, Literal, overload
 
 from .errors import HelperError, LocalProtocolError, RemoteProtocolError, error_from_code
+from .fdpass import scm_rights
 from .protocol import (
     CLOSED,
     MAX_DATA_PAYLOAD,
@@ -176,8 +176,7 @@ class _Session:
             if fds:
                 if not self.is_unix:
                     raise ValueError("file descriptors can be passed only over the Unix socket")
-                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                sent = self.sock.sendmsg([frame], anc)
+                sent = self.sock.sendmsg([frame], scm_rights(fds))
                 if sent < len(frame):
                     self.sock.sendall(frame[sent:])
             else:

@@ -33,7 +33,6 @@ Do not import this module from a jailed app.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import hmac
@@ -59,6 +58,7 @@ from .errors import (
     RequestError,
     error_code,
 )
+from .fdpass import ancillary_space, fds_from_ancdata
 from .privileges import drop_capabilities
 from .protocol import (
     CLOSED,
@@ -87,7 +87,7 @@ log = logging.getLogger(__name__)
 _PEERCRED: Final = struct.Struct("3i")
 _RECV_SIZE: Final = 256 * 1024
 _SNDBUF: Final = 2 << 20
-_FD_SPACE: Final = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
+_FD_SPACE: Final = ancillary_space(MAX_FDS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -230,16 +230,6 @@ async def wait_fd(fd: int, *, write: bool = False) -> None:
             loop.remove_reader(fd)
 
 
-def _recv_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            items = array.array("i")
-            items.frombytes(data[: len(data) - len(data) % items.itemsize])
-            fds.extend(items)
-    return fds
-
-
 def _close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -270,7 +260,7 @@ class _ServerConnection:
                 data, ancdata, flags = b"", [], 0
             break
         if ancdata:
-            fds = _recv_fds(ancdata)
+            fds = fds_from_ancdata(ancdata)
             if (
                 not self.accept_fds
                 or flags & socket.MSG_CTRUNC

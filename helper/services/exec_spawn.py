@@ -33,7 +33,6 @@ byte per request, a signal number to forward, or ``0`` to kill the tree now.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import ctypes
 import errno
@@ -49,6 +48,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
 from ..privileges import drop_capabilities
 
 __all__ = ["SpawnSpec", "Supervisor", "Forker", "spawn", "POOL_SIZE", "STATUS_EXIT", "KILL_TREE"]
@@ -333,7 +333,7 @@ def _kill_tree(child: int) -> None:  # pragma: no cover
 #: Descriptors that travel with a job to a pooled supervisor, in this order.
 _JOB_FDS: Final = 5  # stdin, stdout, stderr, status write end, control read end
 _MAX_JOB: Final = 256 * 1024
-_JOB_FD_SPACE: Final = socket.CMSG_SPACE(_JOB_FDS * array.array("i").itemsize)
+_JOB_FD_SPACE: Final = ancillary_space(_JOB_FDS)
 #: Supervisors the forker keeps forked ahead of time.
 POOL_SIZE: Final = 4
 
@@ -372,22 +372,10 @@ def _decode_job(data: bytes, fds: list[int]) -> SpawnSpec:  # pragma: no cover -
     )
 
 
-def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            items = array.array("i")
-            items.frombytes(data[: len(data) - len(data) % items.itemsize])
-            fds.extend(items)
-    return fds
-
-
 def _send_job(fd: int, job: bytes, fds: Sequence[int], flags: int = 0) -> None:
     sock = socket.socket(fileno=fd)
     try:
-        sock.sendmsg(
-            [job], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())], flags
-        )
+        sock.sendmsg([job], scm_rights(list(fds)), flags)
     finally:
         sock.detach()
 
@@ -400,7 +388,7 @@ def _recv_job(fd: int, flags: int = 0) -> tuple[bytes, list[int]]:
         )
     finally:
         sock.detach()
-    fds = _fds_of(ancdata)
+    fds = fds_from_ancdata(ancdata)
     if data and (msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != _JOB_FDS):
         for extra in fds:
             os.close(extra)
