@@ -86,7 +86,9 @@ class CommandConfig:
     :param max_file_size: RLIMIT_FSIZE bytes, or None.
     :param network: False runs the command in a new, empty network namespace (needs root).
     :param pid_namespace: True runs it as PID 1 of a new PID namespace (needs root), so the kernel
-        kills every descendant when it exits.
+        kills every descendant when it exits.  Off by default: as PID 1 the command ignores
+        forwarded signals it has no handler for (``Popen.terminate()``); timeouts, ``kill()`` and
+        disconnects still end it.  Without it the supervisor (a child subreaper) kills the tree.
     """
 
     name: str
