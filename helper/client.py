@@ -622,7 +622,10 @@ class Popen:
                     else:
                         sel.unregister(key.fd)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        self.wait(remaining)
+        try:
+            self.wait(remaining)
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
         results: list[bytes | str | None] = []
         for index, stream in ((STDOUT, self.stdout), (STDERR, self.stderr)):
             if stream is None:
