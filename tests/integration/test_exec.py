@@ -286,3 +286,28 @@ def test_helper_keeps_only_the_capabilities_it_needs(helper: Helper) -> None:
     # Commands inherit that bounding set, so not even a user = "root" command gets more.
     done = client.run(["sh", "grep CapBnd /proc/self/status"], capture_output=True, text=True)
     assert int(done.stdout.split()[1], 16) == expected
+
+
+def test_shim_gives_subprocess_semantics(helper: Helper) -> None:
+    code = (
+        "from chroot_helper import shim\n"
+        "shim.install()\n"
+        "try:\n"
+        "    subprocess.check_output(['sh', 'echo partial; exit 4'])\n"
+        "except subprocess.CalledProcessError as exc:\n"
+        "    print('failed', exc.returncode, exc.output)\n"
+        "try:\n"
+        "    subprocess.run(['sh', 'sleep 3801'], timeout=0.5)\n"
+        "except subprocess.TimeoutExpired as exc:\n"
+        "    print('timeout', exc.timeout)\n"
+        "print('call', subprocess.call(['echo'], stdout=subprocess.DEVNULL))\n"
+        "p = subprocess.Popen(['cat'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)\n"
+        "print('text', p.communicate('typed'))\n"
+    )
+    assert helper.run_client(code).stdout.splitlines() == [
+        "failed 4 b'partial\\n'",
+        "timeout 0.5",
+        "call 0",
+        "text ('typed', None)",
+    ]
+    assert processes_with("sleep 3801") == []
