@@ -506,6 +506,7 @@ class HelperServer:
             if event is CLOSED:
                 return
             assert isinstance(event, Request)  # the protocol allows nothing else first
+            conn.accept_fds = False  # descriptors travel with the request frame only
             self._check_token(peer, event)
             if len(conn.fds) != event.fds:
                 raise RemoteProtocolError(
