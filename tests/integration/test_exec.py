@@ -204,14 +204,15 @@ def test_environment_is_clean() -> None:
 
 
 def test_runs_as_nobody_with_rlimits() -> None:
-    done = client.run(
-        ["sh", "id -u; ulimit -n; ulimit -t; ulimit -f"], capture_output=True, text=True
-    )
-    uid, nofile, cpu, fsize = done.stdout.split()
+    script = "id -u; ulimit -n; ulimit -t; ulimit -f; ulimit -v; ulimit -p"
+    done = client.run(["sh", script], capture_output=True, text=True)
+    uid, nofile, cpu, fsize, address_space, processes = done.stdout.split()
     assert uid == "65534"
     assert nofile == "256"
     assert cpu == "21"  # cpu defaults to the timeout + 1
     assert int(fsize) * 512 == 64 << 20 or int(fsize) * 1024 == 64 << 20
+    assert int(address_space) * 1024 == 1 << 30  # max_memory = "1G"
+    assert processes == "256"
 
 
 def test_no_network_namespace_has_only_loopback() -> None:
