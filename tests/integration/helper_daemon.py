@@ -95,14 +95,19 @@ def _wait_ready(path: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_helper(config_body: str, *, helper_table: str = "") -> Iterator[Helper]:
+def running_helper(
+    config_body: str, *, helper_table: str = "", as_user: int | None = None
+) -> Iterator[Helper]:
     """Write a config (a world-traversable temp dir, so other uids reach the socket), start the
     helper, wait until it accepts connections, and stop it (by PID) afterwards.
 
-    *config_body* holds the ``[exec.*]`` tables; *helper_table* extra ``[helper]`` lines.
+    *config_body* holds the ``[exec.*]`` tables; *helper_table* extra ``[helper]`` lines;
+    *as_user* starts the helper as that uid instead of root.
     """
     base = Path(tempfile.mkdtemp(prefix="chroot-helper-test-"))
     base.chmod(0o755)
+    if as_user is not None:
+        os.chown(base, as_user, as_user)
     sock = str(base / "jail" / "run" / "chroot-helper.sock")
     config = base / "helper.toml"
     config.write_text(
@@ -116,6 +121,9 @@ def running_helper(config_body: str, *, helper_table: str = "") -> Iterator[Help
             stdout=log_fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            user=as_user,
+            group=as_user,
+            extra_groups=[] if as_user is not None else None,
         )
     try:
         _wait_ready(sock, proc, log)

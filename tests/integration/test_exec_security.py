@@ -382,3 +382,17 @@ def test_exec_keeps_working_when_the_forker_dies(monkeypatch: pytest.MonkeyPatch
         assert client.run(["echo", "fallback"], capture_output=True).stdout == b"fallback\n"
         assert client.run(["echo", "again"], capture_output=True).stdout == b"again\n"
         assert "the forker is gone" in alone.log_text()
+
+
+def test_helper_started_without_root_runs_commands_as_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = '[exec.id]\nargv = ["/usr/bin/id"]\nuser = "www-data"\n'
+    with running_helper(body, as_user=33) as unprivileged:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", unprivileged.socket)
+        done = client.run(["id"], capture_output=True, text=True)
+        assert done.stdout.startswith("uid=33(www-data) gid=33(www-data)")
+    # Another user needs root, and the helper says so when it starts.
+    with pytest.raises(AssertionError, match=r"needs the helper to start as root"):
+        with running_helper('[exec.id]\nargv = ["/usr/bin/id"]\n', as_user=33):
+            pass
