@@ -350,7 +350,15 @@ class _Run:
                 self.kill()
                 returncode = await status.read_exit()
             # The tree is dead and reaped, so the pipes reach EOF: forward the rest, then EXIT.
-            await asyncio.gather(*pumps)
+            # A client that stops reading gets as long again as the command had, no more: it
+            # must not hold its concurrency slot forever.
+            grace = max(self.call.timeout, 1.0)
+            try:
+                await asyncio.wait_for(asyncio.gather(*pumps), grace)
+            except TimeoutError:
+                raise ConnectionError(
+                    f"the client read no output for {grace} s after {cmd.name} ended; dropped"
+                ) from None
             client.cancel()
             await self.channel.send(
                 Exit(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from chroot_helper import client, protocol
-from chroot_helper.errors import CommandError
+from chroot_helper.errors import BusyError, CommandError
 from helper_daemon import Helper, processes_with, running_helper, wait_until
 
 COMMANDS = """
@@ -396,3 +396,24 @@ def test_helper_started_without_root_runs_commands_as_itself(
     with pytest.raises(AssertionError, match=r"needs the helper to start as root"):
         with running_helper('[exec.id]\nargv = ["/usr/bin/id"]\n', as_user=33):
             pass
+
+
+def test_client_that_stops_reading_cannot_hold_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = '[exec.flood]\nargv = ["/usr/bin/yes"]\ntimeout = 1\nmax_output = "1G"\n' + COMMANDS
+    with running_helper(body, helper_table="max_concurrent = 1") as tight:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", tight.socket)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+            stuck.connect(tight.socket)
+            stuck.sendall(_request_frame({"command": "flood", "stdout": "pipe"}))
+            # This connection never reads; the command fills the socket and blocks.
+            with pytest.raises(BusyError):
+                client.run(["echo", "blocked"])
+
+            def served() -> bool:
+                try:
+                    return client.run(["echo", "ok"], capture_output=True).stdout == b"ok\n"
+                except BusyError:
+                    return False
+
+            wait_until(served, timeout=30, what="the stuck connection's slot to be released")
+        assert "read no output" in tight.log_text()
