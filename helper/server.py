@@ -309,6 +309,7 @@ class HelperServer:
         self._active = 0
         self._per_peer: Counter[str] = Counter()
         self._connections = 0
+        self._waiting: Counter[str] = Counter()  # connections that have not sent their request
 
     async def start(self) -> None:
         """Bind the sockets, start the services, and start accepting."""
@@ -497,12 +498,23 @@ class HelperServer:
                     f"[helper] max_connections = {self.config.max_connections}; retry later"
                 )
             self._check_peer(peer)
+            # Idle connections count per peer too, so one peer cannot fill max_connections.
+            if self._waiting[peer.key] >= self.config.max_per_peer:
+                raise BusyError(
+                    f"this peer has {self._waiting[peer.key]} connections without a request, "
+                    f"the limit [helper] max_per_peer = {self.config.max_per_peer}; retry later"
+                )
+            self._waiting[peer.key] += 1
             try:
                 event = await asyncio.wait_for(conn.next_event(), self.config.request_timeout)
             except TimeoutError:
                 raise RemoteProtocolError(
                     f"no request within [helper] request_timeout = {self.config.request_timeout} s"
                 ) from None
+            finally:
+                self._waiting[peer.key] -= 1
+                if not self._waiting[peer.key]:
+                    del self._waiting[peer.key]
             if event is CLOSED:
                 return
             assert isinstance(event, Request)  # the protocol allows nothing else first

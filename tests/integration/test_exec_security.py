@@ -417,3 +417,19 @@ def test_client_that_stops_reading_cannot_hold_its_slot(monkeypatch: pytest.Monk
 
             wait_until(served, timeout=30, what="the stuck connection's slot to be released")
         assert "read no output" in tight.log_text()
+
+
+def test_one_peer_cannot_fill_the_connection_table(helper: Helper) -> None:
+    # The module's helper allows max_per_peer = 16 (the default) idle connections per process.
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(17)]
+    try:
+        for sock in idle:
+            sock.connect(helper.socket)
+        idle[-1].settimeout(10)
+        assert b"without a request" in idle[-1].recv(65536)
+        # Other peers are still served while these sit idle.
+        other = helper.run_client("print(client.run(['echo', 'x'], capture_output=True).stdout)")
+        assert other.stdout.strip() == "b'x\\n'"
+    finally:
+        for sock in idle:
+            sock.close()
