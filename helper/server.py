@@ -7,7 +7,8 @@ connection carries one request (see :mod:`chroot_helper.protocol`):
 1. Unix peers are checked with ``SO_PEERCRED`` against ``allow_uids``/``allow_gids`` before a byte
 is
    read; TCP requests must carry the token.
-2. The request frame is read (within ``request_timeout``), with up to three fds beside it.
+2. The request frame is read (within ``request_timeout``), with up to three fds beside it; a
+   peer may keep at most ``max_per_peer`` connections waiting at this step.
 3. The connection counts against ``max_concurrent`` and ``max_per_peer``.
 4. The request goes to the service method ``handle_<op>`` (see :class:`Service`), which talks to the
    client through a :class:`Channel`.

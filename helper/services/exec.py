@@ -356,6 +356,9 @@ class _Run:
             try:
                 await asyncio.wait_for(asyncio.gather(*pumps), grace)
             except TimeoutError:
+                log.warning(
+                    "%s: read no output for %s s after %s ended", self.channel.peer, grace, cmd.name
+                )
                 raise ConnectionError(
                     f"the client read no output for {grace} s after {cmd.name} ended; dropped"
                 ) from None
