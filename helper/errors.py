@@ -7,9 +7,16 @@
     ├── DnsError             the DNS service failed
     │   ├── ListenError          dns.listen could not be bound (raised at start)
     │   └── UpstreamError        no upstream gave a usable answer (the client gets SERVFAIL)
-    └── ProtocolError        a frame broke the wire protocol
-        ├── LocalProtocolError   we were about to send something invalid
-        └── RemoteProtocolError  the peer sent something invalid
+    ├── ProtocolError        a frame broke the wire protocol
+    │   ├── LocalProtocolError   we were about to send something invalid
+    │   └── RemoteProtocolError  the peer sent something invalid
+    └── RequestError         a well-formed request was refused or failed; travels as an Error frame
+        ├── PeerRefusedError     the peer's uid/gid or token is not allowed
+        ├── BusyError            a concurrency limit is reached; retry later
+        └── CommandError         the command or its arguments are not allowed, or exec failed
+
+A :class:`RequestError` carries a short machine-readable :attr:`~RequestError.code` so the client
+can rebuild the same class from an Error frame (see :func:`error_from_code`).
 """
 
 from __future__ import annotations
@@ -45,3 +52,59 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent something the protocol does not allow."""
+
+
+class RequestError(HelperError):
+    """The helper refused or could not carry out a request.
+
+    Raised in the daemon by services; sent to the client as an Error frame and raised there again.
+    """
+
+    code = "request"
+
+
+class PeerRefusedError(RequestError):
+    """The connecting peer is not allowed: uid/gid not in the allowlist, or a wrong TCP token."""
+
+    code = "refused"
+
+
+class BusyError(RequestError):
+    """A per-peer or global concurrency limit is reached; the message names the limit's key."""
+
+    code = "busy"
+
+
+class CommandError(RequestError):
+    """The command is not configured, its arguments are not allowed, or it could not be started."""
+
+    code = "command"
+
+
+_BY_CODE: dict[str, type[HelperError]] = {
+    "protocol": RemoteProtocolError,
+    RequestError.code: RequestError,
+    PeerRefusedError.code: PeerRefusedError,
+    BusyError.code: BusyError,
+    CommandError.code: CommandError,
+}
+
+
+def error_code(exc: HelperError) -> str:
+    """Return the wire code for *exc* (``"protocol"`` for protocol errors)."""
+    if isinstance(exc, RequestError):
+        return exc.code
+    if isinstance(exc, ProtocolError):
+        return "protocol"
+    return RequestError.code
+
+
+def error_from_code(code: str, message: str) -> HelperError:
+    """Rebuild the error an Error frame describes; unknown codes give a plain :class:`RequestError`.
+
+    A ``"protocol"`` error reported by the other side means *we* broke the protocol, so it becomes a
+    :class:`LocalProtocolError` here.
+    """
+    if code == "protocol":
+        return LocalProtocolError(message)
+    return _BY_CODE.get(code, RequestError)(message)

@@ -1,0 +1,275 @@
+"""Benchmark: exec through chroot-helper against plain ``subprocess`` on the host.
+
+Starts a real ``chroot-helper serve`` on a temporary socket, then measures, in the same run:
+
+1. round trip of ``/bin/true`` via :func:`chroot_helper.client.run` from a client process that has
+   chroot()ed into an empty directory (when run as root; a plain process otherwise) against
+   ``subprocess.run(["/bin/true"])`` on the host (goal: ratio <= 1.2),
+2. streaming N MiB of ``cat`` stdout through the helper against the same on the host, both as a
+   ``Popen`` pipe read loop (the helper passes the client's pipe to the command as an fd) and as
+   ``run(capture_output=True)`` (streamed in DATA frames, where ``max_output`` is enforced)
+   (goal: throughput ratio >= 0.8),
+3. exec calls per second with 16 concurrent client processes against 16 threads calling
+   ``subprocess.run`` (goal: ratio >= 1.0).
+
+Prints ratios; asserts nothing.  Usage::
+
+    .venv/bin/python bench/exec_latency.py [--iterations 300] [--stream-mib 1024] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CONFIG = """
+[helper]
+socket = "{socket}"
+allow_uids = [0, {uid}]
+max_concurrent = 64
+max_per_peer = 64
+
+[exec.true]
+argv = ["/bin/true"]
+user = "{user}"
+max_processes = 4096
+
+[exec.cat]
+argv = ["/bin/cat"]
+args = "any"
+user = "{user}"
+timeout = 600
+max_output = "64G"
+max_file_size = "unlimited"
+"""
+
+
+def start_helper(base: Path) -> tuple[subprocess.Popen[bytes], str]:
+    sock = str(base / "jail" / "run" / "chroot-helper.sock")
+    uid = os.geteuid()
+    user = "nobody" if uid == 0 else os.environ.get("USER", str(uid))
+    config = base / "helper.toml"
+    config.write_text(CONFIG.format(socket=sock, uid=uid, user=user))
+    log = open(base / "helper.log", "wb")  # noqa: SIM115 - lives as long as the helper
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "chroot_helper.cli", "serve", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX) as probe:
+            if probe.connect_ex(sock) == 0:
+                return proc, sock
+        time.sleep(0.02)
+    proc.kill()
+    raise SystemExit(f"helper did not start; see {base / 'helper.log'}")
+
+
+def enter_empty_jail(jail: Path) -> None:
+    """chroot into *jail* (which holds only run/) when root; the client must work from there."""
+    if os.geteuid() == 0:
+        os.chroot(jail)
+        os.chdir("/")
+        os.environ["CHROOT_HELPER_SOCKET"] = "/run/chroot-helper.sock"
+
+
+def helper_latency(jail: Path, iterations: int, queue: multiprocessing.Queue[float]) -> None:
+    from chroot_helper import client
+
+    enter_empty_jail(jail)
+    for _ in range(20):
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+    queue.put((time.perf_counter() - start) / iterations)
+
+
+def host_latency(iterations: int) -> float:
+    for _ in range(20):
+        subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return (time.perf_counter() - start) / iterations
+
+
+def helper_stream(jail: Path, path: str, mode: str, queue: multiprocessing.Queue[float]) -> None:
+    from chroot_helper import client
+
+    size = os.path.getsize(path)
+    enter_empty_jail(jail)
+    start = time.perf_counter()
+    if mode == "capture":
+        done = client.run(["cat", path], capture_output=True)
+        got = len(done.stdout)
+        del done
+    else:
+        got = 0
+        with client.Popen(["cat", path], stdout=client.PIPE, stdin=client.DEVNULL) as proc:
+            assert proc.stdout is not None
+            fd = proc.stdout.fileno()
+            while chunk := os.read(fd, 1 << 20):
+                got += len(chunk)
+    elapsed = time.perf_counter() - start
+    assert got == size, (got, size)
+    queue.put(size / elapsed)
+
+
+def host_stream(path: str, mode: str) -> float:
+    size = os.path.getsize(path)
+    start = time.perf_counter()
+    if mode == "capture":
+        got = len(subprocess.run(["/bin/cat", path], capture_output=True).stdout)
+    else:
+        got = 0
+        with subprocess.Popen(["/bin/cat", path], stdout=subprocess.PIPE) as proc:
+            assert proc.stdout is not None
+            fd = proc.stdout.fileno()
+            while chunk := os.read(fd, 1 << 20):
+                got += len(chunk)
+    assert got == size
+    return size / (time.perf_counter() - start)
+
+
+def helper_rate_worker(jail: Path, seconds: float, queue: multiprocessing.Queue[float]) -> None:
+    from chroot_helper import client
+
+    enter_empty_jail(jail)
+    count = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+        count += 1
+    queue.put(count)
+
+
+def host_rate(workers: int, seconds: float) -> float:
+    counts = [0] * workers
+
+    def work(index: int) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            counts[index] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / seconds
+
+
+def reporting(target, *args):  # type: ignore[no-untyped-def]
+    """Run *target* in a worker; a failure reaches the parent instead of leaving it waiting."""
+    queue = args[-1]
+    try:
+        target(*args)
+    except BaseException as exc:
+        queue.put(exc)
+        raise
+
+
+def collect(queue, count: int) -> list[float]:  # type: ignore[no-untyped-def]
+    values = [queue.get(timeout=600) for _ in range(count)]
+    for value in values:
+        if isinstance(value, BaseException):
+            raise SystemExit(f"a benchmark worker failed: {value!r}")
+    return values
+
+
+def in_child(target, *args):  # type: ignore[no-untyped-def]
+    queue: multiprocessing.Queue[float] = multiprocessing.Queue()
+    proc = multiprocessing.Process(target=reporting, args=(target, *args, queue))
+    proc.start()
+    (value,) = collect(queue, 1)
+    proc.join()
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--stream-mib", type=int, default=1024)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--workers", type=int, default=16)
+    ns = parser.parse_args()
+    multiprocessing.set_start_method("fork")
+    base = Path(tempfile.mkdtemp(prefix="chroot-helper-bench-"))
+    base.chmod(0o755)
+    proc = None
+    try:
+        proc, sock = start_helper(base)
+        os.environ["CHROOT_HELPER_SOCKET"] = sock
+        jail = base / "jail"
+        where = "an empty chroot" if os.geteuid() == 0 else "a plain process (not root)"
+        print(f"client runs in {where}; helper socket {sock}")
+
+        host = host_latency(ns.iterations)
+        via = in_child(helper_latency, jail, ns.iterations)
+        print(
+            f"1. /bin/true round trip: host subprocess.run {host * 1e3:.3f} ms, "
+            f"helper {via * 1e3:.3f} ms, ratio {via / host:.2f}x (goal <= 1.2x)"
+        )
+
+        data = base / "stream.bin"
+        with open(data, "wb") as fh:
+            block = os.urandom(1 << 20)
+            for _ in range(ns.stream_mib):
+                fh.write(block)
+        data.chmod(0o644)
+        os.sync()  # no writeback of the fresh file during the first measurement
+        host_stream(str(data), "popen")  # and both sides read it from the page cache
+        for mode, label in (
+            ("popen", "Popen(stdout=PIPE) read loop, pipe passed as fd"),
+            ("capture", "run(capture_output=True), streamed in DATA frames"),
+        ):
+            host_bps = host_stream(str(data), mode)
+            via_bps = in_child(helper_stream, jail, str(data), mode)
+            print(
+                f"2. {ns.stream_mib} MiB of cat stdout, {label}: "
+                f"host {host_bps / 2**20:.0f} MiB/s, helper {via_bps / 2**20:.0f} MiB/s, "
+                f"ratio {via_bps / host_bps:.2f}x (goal >= 0.8x)"
+            )
+        data.unlink()
+
+        host_cps = host_rate(ns.workers, ns.seconds)
+        queue: multiprocessing.Queue[float] = multiprocessing.Queue()
+        procs = [
+            multiprocessing.Process(
+                target=reporting, args=(helper_rate_worker, jail, ns.seconds, queue)
+            )
+            for _ in range(ns.workers)
+        ]
+        for worker in procs:
+            worker.start()
+        total = sum(collect(queue, len(procs)))
+        for worker in procs:
+            worker.join()
+        via_cps = total / ns.seconds
+        print(
+            f"3. {ns.workers} concurrent clients: host threads {host_cps:.0f} calls/s, "
+            f"helper {via_cps:.0f} calls/s, ratio {via_cps / host_cps:.2f}x (goal >= 1.0x)"
+        )
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The ``chroot-helper`` command line.
+
+::
+
+    chroot-helper serve --config /etc/chroot-helper.toml   # run the daemon (foreground)
+    chroot-helper check --config /etc/chroot-helper.toml   # validate the config and exit
+    chroot-helper exec NAME [ARGS...]                      # run a configured command via the helper
+
+``exec`` passes its own stdin/stdout/stderr to the command and exits with the command's status
+(``128 + N`` when killed by signal N, :data:`EXIT_TIMEOUT` on timeout, :data:`EXIT_HELPER` when the
+helper refused or could not be reached).  This is the only module that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from .errors import HelperError
+
+__all__ = ["main", "EXIT_OK", "EXIT_CONFIG", "EXIT_HELPER", "EXIT_TIMEOUT", "EXIT_OUTPUT"]
+
+EXIT_OK: Final = 0
+#: ``serve``/``check``: the configuration is invalid.
+EXIT_CONFIG: Final = 78
+#: ``exec``: the helper refused the request or could not be reached.
+EXIT_HELPER: Final = 125
+#: ``exec``: the command passed its timeout (as timeout(1)).
+EXIT_TIMEOUT: Final = 124
+#: ``exec``: the command passed max_output.
+EXIT_OUTPUT: Final = 123
+
+log = logging.getLogger("chroot_helper")
+
+
+def _ensure_std_fds() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed, so no socket or pipe lands there."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _serve(config_path: str, log_level: str) -> int:
+    from .config import load_config
+    from .server import load_services, serve
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    _ensure_std_fds()
+    try:
+        config = load_config(config_path)
+        services = load_services(config)
+    except HelperError as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, services, stop)
+
+    try:
+        asyncio.run(run())
+    except HelperError as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+def _check(config_path: str) -> int:
+    from .config import load_config
+    from .server import load_services
+
+    try:
+        config = load_config(config_path)
+        load_services(config)
+    except HelperError as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{config_path}: OK ({len(config.commands)} commands, socket {config.socket})")
+    return EXIT_OK
+
+
+def _exec(argv: Sequence[str], timeout: float | None) -> int:
+    from . import client
+
+    try:
+        done = client.run(list(argv), timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except client.OutputLimitExceeded as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    except HelperError as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_HELPER
+    return done.returncode if done.returncode >= 0 else 128 - done.returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``chroot-helper`` console script."""
+    parser = argparse.ArgumentParser(prog="chroot-helper", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    p_serve.add_argument("--config", required=True, help="TOML configuration file")
+    p_serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    p_check = sub.add_parser("check", help="validate the configuration and exit")
+    p_check.add_argument("--config", required=True, help="TOML configuration file")
+    p_exec = sub.add_parser("exec", help="run a configured command through the helper")
+    p_exec.add_argument(
+        "--timeout", type=float, default=None, help="seconds (capped by the config)"
+    )
+    p_exec.add_argument("name", help="configured command name or path")
+    p_exec.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the command")
+    ns = parser.parse_args(argv)
+    if ns.command == "serve":
+        return _serve(ns.config, ns.log_level)
+    if ns.command == "check":
+        return _check(ns.config)
+    return _exec([ns.name, *ns.args], ns.timeout)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,654 @@
+"""Run allowlisted commands through chroot-helper, from inside a jail, like :mod:`subprocess`.
+
+This is the only module a jailed app imports.  It is pure Python and uses the standard library only;
+every import happens when the module is imported (before the jail is entered), and no call reads a
+file: the helper is found through ``$CHROOT_HELPER_SOCKET`` (default ``/run/chroot-helper.sock``,
+the jail-relative path of the default socket), or ``$CHROOT_HELPER_ADDRESS`` (``127.0.0.1:PORT``)
+plus ``$CHROOT_HELPER_TOKEN`` for the optional TCP listener.
+
+``argv[0]`` names a command configured in the helper as ``[exec.NAME]``: its ``NAME``, the path in
+its ``argv[0]``, or that path's basename.  Do not use this to run arbitrary programs: the helper
+runs only what its administrator configured, and says so in a
+:class:`~chroot_helper.errors.CommandError`.
+
+Example::
+
+    from chroot_helper import client
+
+    done = client.run(["convert", "in.png", "-resize", "50%", "png:-"], capture_output=True)
+    thumbnail = done.stdout
+
+    with client.Popen(["cat"], stdin=client.PIPE, stdout=client.PIPE) as proc:
+        out, _ = proc.communicate(b"hello")
+
+Differences from :mod:`subprocess`: there is no shell, no ``env``/``cwd`` (the helper's config sets
+them), ``pid`` is None, and when the helper kills a command for passing ``max_output``,
+:func:`run` raises :class:`OutputLimitExceeded`.  :class:`Popen` pipes are the caller's own pipes,
+passed to the command, so ``max_output`` does not apply to them (``max_file_size`` does for files).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import selectors
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import IO, Final, Literal, overload
+
+from .errors import HelperError, LocalProtocolError, RemoteProtocolError, error_from_code
+from .fdpass import scm_rights
+from .protocol import (
+    CLOSED,
+    MAX_DATA_PAYLOAD,
+    NEED_DATA,
+    STDERR,
+    STDIN,
+    STDOUT,
+    Connection,
+    Data,
+    Error,
+    Exit,
+    Request,
+    Response,
+    Role,
+    Signal,
+    Started,
+    State,
+)
+
+__all__ = [
+    "PIPE",
+    "STDOUT_TO",
+    "DEVNULL",
+    "DEFAULT_SOCKET",
+    "OutputLimitExceeded",
+    "HelperUnavailable",
+    "Popen",
+    "run",
+    "helper_address",
+]
+
+PIPE: Final = subprocess.PIPE
+#: Alias of :data:`subprocess.STDOUT` (``stderr=STDOUT_TO`` merges stderr into stdout).
+STDOUT_TO: Final = subprocess.STDOUT
+DEVNULL: Final = subprocess.DEVNULL
+DEFAULT_SOCKET: Final = "/run/chroot-helper.sock"
+#: Grace, in seconds, past the command's timeout for the helper's final EXIT frame.
+_GRACE: Final = 5.0
+_CHUNK: Final = MAX_DATA_PAYLOAD - 1
+_RECV: Final = 1 << 20
+
+Stream = int | IO[bytes] | IO[str] | None
+
+
+class HelperUnavailable(HelperError, ConnectionError):
+    """The helper's socket cannot be reached (not running, wrong path, or no permission)."""
+
+
+class OutputLimitExceeded(subprocess.SubprocessError):
+    """The helper killed the command because its output passed the configured ``max_output``.
+
+    :param cmd: the argv.
+    :param output: stdout received before the limit.
+    :param stderr: stderr received before the limit.
+    """
+
+    def __init__(self, cmd: Sequence[str], output: bytes | str | None, stderr: bytes | str | None):
+        super().__init__(cmd, output, stderr)
+        self.cmd = cmd
+        self.output = output
+        self.stderr = stderr
+
+    def __str__(self) -> str:
+        return f"Command {list(self.cmd)!r} was killed: its output passed the helper's max_output"
+
+
+def helper_address() -> tuple[str, str | None]:
+    """Return ``(address, token)``: a socket path, or ``host:port`` with the TCP token."""
+    tcp = os.environ.get("CHROOT_HELPER_ADDRESS")
+    if tcp:
+        return tcp, os.environ.get("CHROOT_HELPER_TOKEN")
+    return os.environ.get("CHROOT_HELPER_SOCKET") or DEFAULT_SOCKET, None
+
+
+def _is_unix(address: str) -> bool:
+    return address.startswith("/") or ":" not in address
+
+
+def _connect() -> tuple[socket.socket, str | None]:
+    address, token = helper_address()
+    if _is_unix(address):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: str | tuple[str, int] = address
+    else:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        target = (host, int(port))
+    try:
+        sock.connect(target)
+    except OSError as exc:
+        sock.close()
+        hint = "set $CHROOT_HELPER_SOCKET to the socket's path inside the jail"
+        raise HelperUnavailable(
+            f"cannot reach chroot-helper at {address!r}: {exc.strerror or exc}; "
+            f"is it running? {hint}"
+        ) from None
+    return sock, token
+
+
+def _fileno(value: int | IO[bytes] | IO[str]) -> int:
+    return value if isinstance(value, int) else value.fileno()
+
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+class _Session:
+    """One connection: send the request with fds, then exchange frames."""
+
+    def __init__(
+        self, argv: Sequence[str], modes: dict[str, str], fds: list[int], timeout: float | None
+    ):
+        if isinstance(argv, str | bytes) or not argv:
+            raise TypeError("argv must be a non-empty list of strings (there is no shell)")
+        self.argv = [os.fsdecode(a) for a in argv]
+        self.sock, token = _connect()
+        self.is_unix = self.sock.family == socket.AF_UNIX
+        self.conn = Connection(Role.CLIENT)
+        self.fds = fds
+        self._rbuf = bytearray(_RECV)  # reused: no fresh pages per read
+        self._view = memoryview(self._rbuf)
+        params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
+        if timeout is not None:
+            params["timeout"] = timeout
+        request = Request(op="exec", params=params, fds=len(fds), token=token)
+        frame = self.conn.send(request)
+        try:
+            if fds:
+                if not self.is_unix:
+                    raise ValueError("file descriptors can be passed only over the Unix socket")
+                sent = self.sock.sendmsg([frame], scm_rights(fds))
+                if sent < len(frame):
+                    self.sock.sendall(frame[sent:])
+            else:
+                self.sock.sendall(frame)
+        except BrokenPipeError:
+            pass  # refused before reading: the error frame is waiting
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+        self._view.release()
+
+    def send(self, event: Data | Signal) -> None:
+        if self.conn.our_state is State.DONE or self.sock.fileno() < 0:
+            return  # the command has finished; nothing to send to
+        try:
+            self.sock.sendall(self.conn.send(event))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the helper has finished; its final frame tells why
+
+    def wait_started(self) -> None:
+        """Block until the helper reports the command running; raise its error if it refused."""
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, Started):
+                return
+            if isinstance(event, Error):
+                self.close()
+                _raise_error(event)
+            if event is CLOSED:
+                self.close()
+                raise RemoteProtocolError("the helper closed the connection without a reply")
+            if event is not NEED_DATA:
+                self.close()
+                raise RemoteProtocolError(f"expected STARTED, got {type(event).__name__}")
+            self.pull()
+
+    def pull(self) -> None:
+        """Receive what the socket has (blocking unless it is non-blocking) into the parser."""
+        try:
+            count = self.sock.recv_into(self._rbuf)
+        except ConnectionResetError:
+            count = 0
+        self.conn.receive_data(self._view[:count])
+
+    def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
+        """Block (until *deadline*) for the next frame from the helper, skipping STARTED."""
+        while True:
+            event = self.conn.next_event()
+            if event is CLOSED:
+                self.close()
+                raise HelperUnavailable(
+                    "the connection to chroot-helper ended before the command's exit status; "
+                    "the helper stopped (its commands are killed when it does)"
+                )
+            if isinstance(event, Started):
+                continue
+            if event is not NEED_DATA:
+                assert isinstance(event, Data | Exit | Response | Error)
+                return event
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(remaining)
+            try:
+                self.pull()
+            finally:
+                self.sock.settimeout(None)
+
+
+def _raise_error(event: Error) -> None:
+    raise error_from_code(event.code, event.message)
+
+
+@overload
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    stdin: Stream = None,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[True],
+    encoding: str | None = None,
+    errors: str | None = None,
+) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    stdin: Stream = None,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[False] = False,
+    encoding: str | None = None,
+    errors: str | None = None,
+) -> subprocess.CompletedProcess[bytes]: ...
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    input: bytes | str | None = None,
+    capture_output: bool = False,
+    stdin: Stream = None,
+    stdout: Stream = None,
+    stderr: Stream = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: bool = False,
+    encoding: str | None = None,
+    errors: str | None = None,
+) -> subprocess.CompletedProcess[bytes] | subprocess.CompletedProcess[str]:
+    """Run a configured command through the helper and wait for it, like :func:`subprocess.run`.
+
+    :param argv: ``[command, *args]``; ``command`` is a configured name or path.
+    :param input: bytes (or str with *text*) streamed to the command's stdin.
+    :param capture_output: capture stdout and stderr (streamed through the helper).
+    :param stdin: None (inherit this process's fd 0), :data:`DEVNULL`, :data:`PIPE` with *input*,
+        or a file object / fd passed to the command with SCM_RIGHTS.
+    :param stdout: None (inherit fd 1), :data:`PIPE`, :data:`DEVNULL`, or a file object / fd.
+    :param stderr: as *stdout*, plus :data:`STDOUT_TO` to merge into stdout.
+    :param timeout: seconds; the helper kills the whole tree and this raises
+        :class:`subprocess.TimeoutExpired`.  The configured timeout applies in any case.
+    :param check: raise :class:`subprocess.CalledProcessError` on a non-zero return code.
+    :param text: decode output and encode *input* (UTF-8 unless *encoding*).
+    :raises CommandError: the command or its arguments are not allowed, or it could not start.
+    :raises HelperUnavailable: the helper cannot be reached.
+    :raises OutputLimitExceeded: the helper killed the command for passing ``max_output``.
+    """
+    if capture_output:
+        if stdout is not None or stderr is not None:
+            raise ValueError("stdout and stderr arguments may not be used with capture_output.")
+        stdout = stderr = PIPE
+    if input is not None:
+        if stdin is not None:
+            raise ValueError("stdin and input arguments may not both be used.")
+        stdin = PIPE
+    text = text or encoding is not None or errors is not None
+    codec = encoding or "utf-8"
+    if isinstance(input, str):
+        input = input.encode(codec, errors or "strict")
+    modes: dict[str, str] = {}
+    fds: list[int] = []
+    forward: dict[int, int] = {}  # stream -> local fd to copy streamed data to (TCP inherit)
+    unix = _is_unix(helper_address()[0])
+    for index, (name, value) in enumerate(
+        (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
+    ):
+        if value == PIPE:
+            modes[name] = "pipe"
+        elif value == DEVNULL:
+            modes[name] = "null"
+        elif value == STDOUT_TO and index == 2:
+            modes[name] = "stdout"
+        elif value is None:
+            if not _fd_is_open(index):
+                modes[name] = "null"
+            elif unix:
+                modes[name] = "fd"
+                fds.append(index)
+            elif index == 0:
+                modes[name] = "null"
+            else:
+                modes[name] = "pipe"
+                forward[index] = index
+        else:
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"{name}={value} is not a file descriptor or a known constant")
+            modes[name] = "fd"
+            fds.append(_fileno(value))
+    session = _Session(argv, modes, fds, timeout)
+    out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
+    try:
+        exit_event = _exchange(
+            session, input if modes["stdin"] == "pipe" else None, out, forward, timeout
+        )
+    finally:
+        session.close()
+
+    def decode(stream: int) -> bytes | str | None:
+        if modes[("stdin", "stdout", "stderr")[stream]] != "pipe" or stream in forward:
+            return None
+        data = b"".join(out[stream])
+        return data.decode(codec, errors or "strict") if text else data
+
+    stdout_data, stderr_data = decode(STDOUT), decode(STDERR)
+    if exit_event.timed_out:
+        raise subprocess.TimeoutExpired(session.argv, timeout or 0.0, stdout_data, stderr_data)
+    if exit_event.output_limited:
+        raise OutputLimitExceeded(session.argv, stdout_data, stderr_data)
+    done: subprocess.CompletedProcess[bytes | str | None] = subprocess.CompletedProcess(
+        session.argv, exit_event.returncode, stdout_data, stderr_data
+    )
+    if check:
+        done.check_returncode()
+    # Like subprocess, stdout/stderr are None when not captured; the overloads say bytes/str.
+    return done  # type: ignore[return-value]
+
+
+def _exchange(
+    session: _Session,
+    input: bytes | None,
+    out: dict[int, list[bytes]],
+    forward: dict[int, int],
+    timeout: float | None,
+) -> Exit:
+    """Send *input* while receiving output, until the EXIT frame (never blocks on one side)."""
+    deadline = None if timeout is None else time.monotonic() + timeout + _GRACE
+    view = memoryview(input) if input is not None else None
+    pending = b""
+    sock = session.sock
+    sock.setblocking(False)
+    with selectors.DefaultSelector() as sel:
+        sel.register(
+            sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view is not None else 0)
+        )
+        while True:
+            # Handle every complete frame already buffered before blocking again.
+            while True:
+                event = session.conn.next_event()
+                if event is NEED_DATA:
+                    break
+                if event is CLOSED:
+                    raise RemoteProtocolError("the helper closed the connection without a reply")
+                if isinstance(event, Data):
+                    if event.stream in forward:
+                        _write_fd(forward[event.stream], event.data)
+                    else:
+                        out[event.stream].append(event.data)
+                elif isinstance(event, Exit):
+                    return event
+                elif isinstance(event, Error):
+                    _raise_error(event)
+                elif not isinstance(event, Started):
+                    raise LocalProtocolError(f"unexpected {type(event).__name__} for exec")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise subprocess.TimeoutExpired(session.argv, timeout or 0.0)
+            for _, mask in sel.select(remaining):
+                if mask & selectors.EVENT_WRITE:
+                    if not pending and view is not None:
+                        chunk, view = view[:_CHUNK], view[_CHUNK:]
+                        pending = session.conn.send(Data(stream=STDIN, data=bytes(chunk)))
+                        if not chunk:
+                            view = None  # that was the end-of-stdin frame
+                    try:
+                        pending = pending[sock.send(pending) :]
+                    except BlockingIOError:
+                        pass
+                    except (BrokenPipeError, ConnectionResetError):
+                        pending, view = b"", None  # the helper is done; its reply says why
+                    if not pending and view is None:
+                        sel.modify(sock, selectors.EVENT_READ)
+                if mask & selectors.EVENT_READ:
+                    try:
+                        session.pull()
+                    except BlockingIOError:
+                        continue
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class Popen:
+    """A command running in the helper, like :class:`subprocess.Popen` (streaming, long output).
+
+    With :data:`PIPE`, :attr:`stdin`, :attr:`stdout` and :attr:`stderr` are ends of local pipes
+    whose other ends were passed to the command, so output arrives while it runs.  Needs the Unix
+    socket.
+
+    :param argv: ``[command, *args]`` as for :func:`run`.
+    :param stdin: None (inherit fd 0), :data:`PIPE`, :data:`DEVNULL`, or a file object / fd.
+    :param stdout: None (inherit fd 1), :data:`PIPE`, :data:`DEVNULL`, or a file object / fd.
+    :param stderr: as *stdout*, plus :data:`STDOUT_TO`.
+    :param text: wrap the pipes in text mode (UTF-8 unless *encoding*).
+    :param timeout: seconds before the helper kills the whole tree (capped by the configuration).
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: Stream = None,
+        stdout: Stream = None,
+        stderr: Stream = None,
+        text: bool = False,
+        encoding: str | None = None,
+        errors: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.args = list(argv)
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.timed_out = False
+        self.output_limited = False
+        self.stdin: IO[bytes] | IO[str] | None = None
+        self.stdout: IO[bytes] | IO[str] | None = None
+        self.stderr: IO[bytes] | IO[str] | None = None
+        self._timeout = timeout
+        text = text or encoding is not None or errors is not None
+        modes: dict[str, str] = {}
+        fds: list[int] = []
+        theirs: list[int] = []
+        ours: list[tuple[int, int]] = []
+        try:
+            for index, (name, value) in enumerate(
+                (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
+            ):
+                if value == DEVNULL:
+                    modes[name] = "null"
+                elif value == STDOUT_TO and index == 2:
+                    modes[name] = "stdout"
+                elif value == PIPE:
+                    r, w = os.pipe()
+                    mine, other = (w, r) if index == 0 else (r, w)
+                    ours.append((index, mine))
+                    theirs.append(other)
+                    modes[name] = "fd"
+                    fds.append(other)
+                elif value is None:
+                    modes[name] = "fd" if _fd_is_open(index) else "null"
+                    if modes[name] == "fd":
+                        fds.append(index)
+                else:
+                    modes[name] = "fd"
+                    fds.append(_fileno(value))
+            self._session = _Session(argv, modes, fds, timeout)
+            self._session.wait_started()
+        except BaseException:
+            for _, fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        for index, fd in ours:
+            raw = open(fd, "wb" if index == 0 else "rb", buffering=0 if index == 0 else -1)  # noqa: SIM115
+            stream: IO[bytes] | IO[str] = raw
+            if text:
+                stream = io.TextIOWrapper(
+                    raw,
+                    encoding=encoding or "utf-8",
+                    errors=errors or "strict",
+                    write_through=index == 0,
+                )
+            setattr(self, ("stdin", "stdout", "stderr")[index], stream)
+
+    def __enter__(self) -> Popen:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for stream in (self.stdout, self.stderr, self.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
+        try:
+            if self._session.sock.fileno() >= 0:  # not after an error or a lost helper
+                self.wait()
+        finally:
+            self._session.close()
+
+    def _finish(self, event: Data | Exit | Response | Error) -> int:
+        if isinstance(event, Error):
+            self._session.close()
+            _raise_error(event)
+        if not isinstance(event, Exit):
+            raise LocalProtocolError(f"unexpected {type(event).__name__} while waiting for EXIT")
+        self.returncode = event.returncode
+        self.timed_out = event.timed_out
+        self.output_limited = event.output_limited
+        self._session.close()
+        return event.returncode
+
+    def poll(self) -> int | None:
+        """Return the return code if the command has finished, else None."""
+        if self.returncode is not None or self._session.sock.fileno() < 0:
+            return self.returncode
+        try:
+            event = self._session.recv_event(time.monotonic())
+        except TimeoutError:
+            return None
+        return self._finish(event)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the command (and its whole tree) to end; return its return code.
+
+        :raises subprocess.TimeoutExpired: *timeout* passed first (the command keeps running).
+        """
+        if self.returncode is not None:
+            return self.returncode
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            event = self._session.recv_event(deadline)
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
+        return self._finish(event)
+
+    def communicate(
+        self, input: bytes | str | None = None, timeout: float | None = None
+    ) -> tuple[bytes | str | None, bytes | str | None]:
+        """Send *input*, read stdout/stderr to EOF, wait: :meth:`subprocess.Popen.communicate`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks: dict[int, list[bytes]] = {}
+        if self.stdin is not None:
+            try:
+                if input:
+                    self.stdin.write(input)  # type: ignore[arg-type]  # matches the pipe's mode
+                    self.stdin.flush()
+                self.stdin.close()
+            except BrokenPipeError:
+                pass
+        with selectors.DefaultSelector() as sel:
+            for index, stream in ((STDOUT, self.stdout), (STDERR, self.stderr)):
+                if stream is not None:
+                    sel.register(stream.fileno(), selectors.EVENT_READ, index)
+                    chunks[index] = []
+            while sel.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+                for key, _ in sel.select(remaining):
+                    data = os.read(key.fd, 1 << 16)
+                    if data:
+                        chunks[key.data].append(data)
+                    else:
+                        sel.unregister(key.fd)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.wait(remaining)
+        except subprocess.TimeoutExpired:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
+        results: list[bytes | str | None] = []
+        for index, stream in ((STDOUT, self.stdout), (STDERR, self.stderr)):
+            if stream is None:
+                results.append(None)
+                continue
+            data = b"".join(chunks[index])
+            if isinstance(stream, io.TextIOWrapper):
+                results.append(data.decode(stream.encoding, stream.errors or "strict"))
+            else:
+                results.append(data)
+            stream.close()
+        return results[0], results[1]
+
+    def send_signal(self, sig: int) -> None:
+        """Forward *sig* to the command's process group (the helper allows TERM, INT, HUP, KILL,
+        QUIT, USR1, USR2)."""
+        if self.returncode is None:
+            self._session.send(Signal(signal=int(sig)))
+
+    def terminate(self) -> None:
+        """Send SIGTERM."""
+        self.send_signal(15)
+
+    def kill(self) -> None:
+        """Send SIGKILL."""
+        self.send_signal(9)

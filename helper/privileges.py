@@ -1,0 +1,81 @@
+"""Drop the root capabilities chroot-helper does not need once its sockets are bound.
+
+The daemon starts as root when it must (bind a socket inside a root-owned jail, run commands as
+other users, unshare namespaces).  After :meth:`~chroot_helper.server.HelperServer.start` it keeps
+only what the configured services declare, through :attr:`Service.capabilities
+<chroot_helper.server.Service.capabilities>`: the exec service needs ``CAP_SETUID`` and
+``CAP_SETGID`` to run commands as their users, and ``CAP_SYS_ADMIN`` only when a command sets
+``network = false`` or ``pid_namespace = true``.  Everything else (``CAP_DAC_OVERRIDE``,
+``CAP_NET_ADMIN``, ``CAP_SYS_PTRACE``, ...) leaves the effective, permitted, inheritable *and*
+bounding sets, so neither the daemon nor anything it starts can get it back, even a command
+configured with ``user = "root"``.
+
+Does nothing when the daemon is not root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Iterable
+from typing import Final
+
+__all__ = ["CAP_SETGID", "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "drop_capabilities"]
+
+log = logging.getLogger(__name__)
+
+CAP_SETGID: Final = 6
+CAP_SETUID: Final = 7
+CAP_NET_BIND_SERVICE: Final = 10
+CAP_SYS_ADMIN: Final = 21
+_PR_CAPBSET_DROP: Final = 24
+_CAPABILITY_VERSION_3: Final = 0x20080522
+
+
+class _Header(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _Data(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as fh:
+            return int(fh.read())
+    except OSError:
+        return 40
+
+
+def drop_capabilities(keep: Iterable[int]) -> None:
+    """Keep only the capabilities in *keep*, in every set including the bounding set.
+
+    :raises OSError: the kernel refused (the daemon then must not go on as full root).
+    """
+    if os.geteuid() != 0:
+        return
+    wanted = frozenset(keep)
+    for cap in range(_last_cap() + 1):
+        if cap not in wanted and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
+    mask = sum(1 << cap for cap in wanted)
+    header = _Header(_CAPABILITY_VERSION_3, 0)
+    data = (_Data * 2)()
+    for index in range(2):
+        word = (mask >> (32 * index)) & 0xFFFFFFFF
+        data[index].effective = data[index].permitted = word
+        data[index].inheritable = 0
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"capset: {os.strerror(err)}")
+    log.info("kept capabilities %s; dropped the rest", sorted(wanted) or "none")

@@ -1,0 +1,435 @@
+"""chroot-helper against hostile or unexpected peers, from jailed processes, and over TCP."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from chroot_helper import client, protocol
+from chroot_helper.errors import BusyError, CommandError
+from helper_daemon import Helper, processes_with, running_helper, wait_until
+
+COMMANDS = """
+[exec.echo]
+argv = ["/bin/echo"]
+args = "any"
+
+[exec.cat]
+argv = ["/bin/cat"]
+args = "any"
+"""
+
+
+@pytest.fixture(scope="module")
+def helper() -> Iterator[Helper]:
+    with running_helper(COMMANDS) as running:
+        yield running
+
+
+def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> list[object]:
+    """Send raw bytes (and fds); return the events the helper answers with."""
+    conn = protocol.Connection(protocol.Role.CLIENT)
+    conn.our_state = conn.their_state = protocol.State.RUNNING  # read whatever it sends
+    events: list[object] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        anc = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        try:
+            sock.sendmsg([payload], anc)
+        except BrokenPipeError:
+            pass
+        while True:
+            try:
+                data = sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            conn.receive_data(data)
+            while (event := conn.next_event()) not in (protocol.NEED_DATA, protocol.CLOSED):
+                events.append(event)
+            if not data:
+                return events
+
+
+def _request_frame(params: dict[str, object], fds: int = 0) -> bytes:
+    body = json.dumps({"op": "exec", "params": params, "fds": fds, "token": None}).encode()
+    return protocol.HEADER.pack(b"CH", 1, 1, len(body)) + body
+
+
+def _assert_still_serving() -> None:
+    assert client.run(["echo", "still serving"], capture_output=True).stdout == b"still serving\n"
+
+
+@pytest.fixture(autouse=True)
+def helper_env(helper: Helper, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
+
+
+def test_peer_uid_not_in_allow_uids_is_refused(helper: Helper) -> None:
+    code = "client.run(['echo', 'x'])"
+    done = helper.run_client(code, user=65534, check=False)
+    assert done.returncode != 0
+    assert "PeerRefusedError: peer uid 65534 gid 65534 is not allowed" in done.stderr
+    assert "allow_uids" in done.stderr
+    assert "peer uid 65534" in helper.log_text()
+    _assert_still_serving()
+
+
+def test_allowed_uid_is_served(helper: Helper) -> None:
+    done = helper.run_client(
+        "print(client.run(['echo', 'www'], capture_output=True).stdout)", user=33
+    )
+    assert done.stdout.strip() == "b'www\\n'"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+        pytest.param(b"\x00" * 64, id="zeros"),
+        pytest.param(protocol.HEADER.pack(b"CH", 9, 1, 2) + b"{}", id="bad-version"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 77, 2) + b"{}", id="unknown-type"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 5) + b"[1,2]", id="json-array"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 1 << 30), id="oversized"),
+        pytest.param(protocol.HEADER.pack(b"CH", 1, 2, 3) + b"\x00ab", id="data-before-request"),
+    ],
+)
+def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(
+    payload: bytes, helper: Helper
+) -> None:
+    with client.Popen(["cat"], stdin=client.PIPE, stdout=client.PIPE) as busy:
+        assert busy.stdin is not None and busy.stdout is not None
+        events = _raw_exchange(helper.socket, payload)
+        assert len(events) == 1
+        error = events[0]
+        assert isinstance(error, protocol.Error)
+        assert error.code == "protocol"
+        assert error.message
+        # A connection that was already running is unaffected, and new ones are served.
+        busy.stdin.write(b"alive\n")
+        busy.stdin.flush()
+        assert busy.stdout.readline() == b"alive\n"
+        busy.stdin.close()
+    _assert_still_serving()
+
+
+def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "args": "not a list"}))
+    assert events == [
+        protocol.Error(code="command", message="exec parameter 'args' must be a list of strings")
+    ]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "args": ["\ud800"]}))
+    assert events == [
+        protocol.Error(code="command", message="[exec.echo] argument 1 is not valid text")
+    ]
+    with pytest.raises(CommandError, match=r"\[exec\.echo\] argument 2 contains a NUL byte"):
+        client.run(["echo", "fine", "nul\0byte"])
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "stdout": "fd"}))
+    assert events == [
+        protocol.Error(code="command", message="1 streams use mode 'fd' but 0 fds were passed")
+    ]
+    _assert_still_serving()
+
+
+def test_extra_fds_are_refused_and_closed(helper: Helper) -> None:
+    r, w = os.pipe()
+    try:
+        frame = _request_frame({"command": "echo"}, fds=0)
+        events = _raw_exchange(helper.socket, frame, fds=[r, r])
+        assert isinstance(events[0], protocol.Error)
+        assert "announced 0 fds but 2 arrived" in events[0].message
+    finally:
+        os.close(r)
+    # The helper closed its copies: the pipe has no reader left.
+    with pytest.raises(BrokenPipeError):
+        os.write(w, b"x")
+    os.close(w)
+    _assert_still_serving()
+
+
+def test_setuid_binary_does_not_elevate(monkeypatch: pytest.MonkeyPatch) -> None:
+    bindir = Path(tempfile.mkdtemp(prefix="chroot-helper-suid-"))
+    try:
+        bindir.chmod(0o755)
+        suid_id = bindir / "id"
+        shutil.copy2("/usr/bin/id", suid_id)
+        os.chown(suid_id, 0, 0)
+        suid_id.chmod(0o4755)
+        # Control: the copy really elevates when no_new_privs is not set.
+        control = subprocess.run(
+            [str(suid_id)], user=65534, group=65534, extra_groups=[], capture_output=True, text=True
+        )
+        assert "euid=0(root)" in control.stdout
+        with running_helper(f'[exec.suid-id]\nargv = ["{suid_id}"]\nuser = "nobody"\n') as helper:
+            monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
+            done = client.run(["suid-id"], capture_output=True, text=True)
+        assert done.stdout.startswith("uid=65534(nobody) gid=65534(nogroup)")
+        assert "euid" not in done.stdout
+    finally:
+        shutil.rmtree(bindir)
+
+
+def test_client_and_shim_work_from_an_empty_chroot(helper: Helper) -> None:
+    jail = Path(helper.socket).parent.parent  # the socket is at <jail>/run/chroot-helper.sock
+    assert sorted(p.name for p in jail.iterdir()) == ["run"]
+    code = (
+        "import os, subprocess\n"
+        "from chroot_helper import client, shim, errors\n"
+        f"os.chroot({str(jail)!r}); os.chdir('/')\n"
+        "assert not os.path.exists('/bin/echo') and not os.path.exists('/bin/sh')\n"
+        "os.environ.pop('CHROOT_HELPER_SOCKET', None)  # the default jail path must work\n"
+        "print(client.run(['echo', 'jailed'], capture_output=True).stdout.decode(), end='')\n"
+        "shim.install()\n"
+        "print(subprocess.check_output(['/bin/echo', 'via', 'shim']).decode(), end='')\n"
+        "print(subprocess.run(['cat'], input='typed', capture_output=True, text=True).stdout)\n"
+        "try:\n"
+        "    subprocess.run(['convert', 'a.png', 'b.jpg'])\n"
+        "except errors.CommandError as exc:\n"
+        "    print('refused:', exc)\n"
+        "try:\n"
+        "    subprocess.run('echo hi', shell=True)\n"
+        "except errors.CommandError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=helper.env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["jailed", "via shim", "typed"]
+    assert lines[3].startswith("refused: command 'convert' is not allowed")
+    assert lines[4].startswith("refused: shell=True")
+
+
+def test_shim_with_a_command_list_refuses_others_locally(helper: Helper) -> None:
+    code = (
+        "from chroot_helper import shim\n"
+        "shim.install(commands=['echo'])\n"
+        "print(subprocess.run(['echo', 'ok'], capture_output=True).stdout)\n"
+        "try:\n"
+        "    subprocess.run(['cat'])\n"
+        "except errors.CommandError as exc:\n"
+        "    print(exc)\n"
+        "shim.uninstall()\n"
+        "print(subprocess.run(['/bin/echo', 'host'], capture_output=True).stdout)\n"
+    )
+    out = helper.run_client(code).stdout.splitlines()
+    assert out[0] == "b'ok\\n'"
+    assert out[1].startswith("'cat' is not routed to chroot-helper (routed: echo)")
+    assert out[2] == "b'host\\n'"
+
+
+def test_tcp_listener_needs_the_token() -> None:
+    token_dir = Path(tempfile.mkdtemp(prefix="chroot-helper-token-"))
+    try:
+        token_file = token_dir / "token"
+        token_file.write_text("s3cret-token-0123456789\n")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        extra = f'tcp = "127.0.0.1:{port}"\ntoken_file = "{token_file}"\n'
+        with running_helper(COMMANDS, helper_table=extra) as tcp_helper:
+            good = tcp_helper.env(
+                CHROOT_HELPER_ADDRESS=f"127.0.0.1:{port}",
+                CHROOT_HELPER_TOKEN="s3cret-token-0123456789",
+            )
+            code = "print(client.run(['echo', 'over tcp'], capture_output=True).stdout)"
+            assert tcp_helper.run_client(code, env=good).stdout.strip() == "b'over tcp\\n'"
+            bad = dict(good, CHROOT_HELPER_TOKEN="wrong-token-0123456789")
+            refused = tcp_helper.run_client(code, env=bad, check=False)
+            assert refused.returncode != 0
+            assert "PeerRefusedError: wrong or missing token" in refused.stderr
+    finally:
+        shutil.rmtree(token_dir)
+
+
+def test_refused_error_type_is_rebuilt_on_the_client(helper: Helper) -> None:
+    done = helper.run_client(
+        "try:\n    client.run(['echo'])\n"
+        "except errors.PeerRefusedError as exc:\n    print('refused')\n",
+        user=65534,
+    )
+    assert done.stdout.strip() == "refused"
+
+
+def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[helper]\nsocket = "/tmp/x.sock"\nallow_uids = [33]\n[exec.echo]\nargv = ["/bin/echo"]\n'
+        "timeout = -1\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "chroot_helper.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 78
+    assert "[exec.echo] timeout = -1" in done.stderr
+
+
+def test_unreachable_helper_names_the_socket(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CHROOT_HELPER_SOCKET", str(tmp_path / "absent.sock"))
+    with pytest.raises(client.HelperUnavailable, match=r"absent\.sock.*CHROOT_HELPER_SOCKET"):
+        client.run(["echo"])
+
+
+def test_global_concurrency_limit_refuses_every_peer_then_recovers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with running_helper(COMMANDS, helper_table="max_concurrent = 2") as small:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", small.socket)
+        procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
+        try:
+            code = "client.run(['echo', 'x'])"
+            refused = small.run_client(code, check=False)
+            assert "BusyError: 2 requests are running" in refused.stderr
+            assert "max_concurrent = 2" in refused.stderr
+        finally:
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait()
+        assert [proc.returncode for proc in procs] == [0, 0]
+        assert small.run_client("client.run(['echo', 'x'])").returncode == 0
+
+
+def test_idle_connection_is_dropped_after_request_timeout() -> None:
+    with running_helper(COMMANDS, helper_table="request_timeout = 0.5") as quick:
+        events = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(quick.socket)
+            conn = protocol.Connection(protocol.Role.CLIENT)
+            conn.send(protocol.Request(op="exec"))  # pretend we sent it; we send nothing at all
+            while data := sock.recv(65536):
+                conn.receive_data(data)
+                while (event := conn.next_event()) is not protocol.NEED_DATA:
+                    events.append(event)
+        assert events == [
+            protocol.Error(
+                code="protocol", message="no request within [helper] request_timeout = 0.5 s"
+            )
+        ]
+
+
+def test_commands_die_with_the_helper_and_a_restart_reuses_the_socket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with running_helper('[exec.sh]\nargv = ["/bin/sh", "-c"]\nargs = "any"\n') as doomed:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", doomed.socket)
+        with client.Popen(
+            ["sh", "setsid sleep 3701 & echo up; sleep 3702"], stdout=client.PIPE
+        ) as p:
+            assert p.stdout is not None
+            assert p.stdout.readline() == b"up\n"
+            wait_until(lambda: len(processes_with("sleep 370")) == 2, what="both sleeps")
+            doomed.proc.kill()  # no cleanup in the daemon: the supervisors must notice alone
+            doomed.proc.wait()
+            wait_until(lambda: processes_with("sleep 370") == [], what="the orphaned tree to die")
+            with pytest.raises(client.HelperUnavailable, match="the helper stopped"):
+                p.wait()
+        # The dead helper left its socket file behind; a new one replaces the stale socket.
+        assert os.path.exists(doomed.socket)
+        log = doomed.base / "restart.log"
+        with open(log, "wb") as log_fh:
+            again = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "chroot_helper.cli",
+                    "serve",
+                    "--config",
+                    str(doomed.config),
+                ],
+                stdout=log_fh,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(lambda: "serving" in log.read_text(), what="the restarted helper")
+            assert client.run(["sh", "echo back"], capture_output=True).stdout == b"back\n"
+        finally:
+            again.terminate()
+            again.wait(10)
+
+
+def test_exec_keeps_working_when_the_forker_dies(monkeypatch: pytest.MonkeyPatch) -> None:
+    with running_helper(COMMANDS) as alone:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", alone.socket)
+        assert client.run(["echo", "pooled"], capture_output=True).stdout == b"pooled\n"
+        pid = alone.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert len(children) == 1  # the forker; supervisors are its children, not the daemon's
+        forker = int(children[0])
+        pooled = Path(f"/proc/{forker}/task/{forker}/children").read_text().split()
+        assert len(pooled) >= 1
+        os.kill(forker, signal.SIGKILL)
+        # Its idle supervisors notice and exit; the daemon forks supervisors itself from now on.
+        wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pooled), what="pool exit")
+        assert client.run(["echo", "fallback"], capture_output=True).stdout == b"fallback\n"
+        assert client.run(["echo", "again"], capture_output=True).stdout == b"again\n"
+        assert "the forker is gone" in alone.log_text()
+
+
+def test_helper_started_without_root_runs_commands_as_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = '[exec.id]\nargv = ["/usr/bin/id"]\nuser = "www-data"\n'
+    with running_helper(body, as_user=33) as unprivileged:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", unprivileged.socket)
+        done = client.run(["id"], capture_output=True, text=True)
+        assert done.stdout.startswith("uid=33(www-data) gid=33(www-data)")
+    # Another user needs root, and the helper says so when it starts.
+    with pytest.raises(AssertionError, match=r"needs the helper to start as root"):
+        with running_helper('[exec.id]\nargv = ["/usr/bin/id"]\n', as_user=33):
+            pass
+
+
+def test_client_that_stops_reading_cannot_hold_its_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    body = '[exec.flood]\nargv = ["/usr/bin/yes"]\ntimeout = 1\nmax_output = "1G"\n' + COMMANDS
+    with running_helper(body, helper_table="max_concurrent = 1") as tight:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", tight.socket)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+            stuck.connect(tight.socket)
+            stuck.sendall(_request_frame({"command": "flood", "stdout": "pipe"}))
+            # This connection never reads; the command fills the socket and blocks.
+            with pytest.raises(BusyError):
+                client.run(["echo", "blocked"])
+
+            def served() -> bool:
+                try:
+                    return client.run(["echo", "ok"], capture_output=True).stdout == b"ok\n"
+                except BusyError:
+                    return False
+
+            wait_until(served, timeout=30, what="the stuck connection's slot to be released")
+        assert "read no output" in tight.log_text()
+
+
+def test_one_peer_cannot_fill_the_connection_table(helper: Helper) -> None:
+    # The module's helper allows max_per_peer = 16 (the default) idle connections per process.
+    idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(17)]
+    try:
+        for sock in idle:
+            sock.connect(helper.socket)
+        idle[-1].settimeout(10)
+        assert b"without a request" in idle[-1].recv(65536)
+        # Other peers are still served while these sit idle.
+        other = helper.run_client("print(client.run(['echo', 'x'], capture_output=True).stdout)")
+        assert other.stdout.strip() == "b'x\\n'"
+    finally:
+        for sock in idle:
+            sock.close()

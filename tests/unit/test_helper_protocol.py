@@ -1,0 +1,214 @@
+"""The sans-IO protocol: bytes in, events out, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from chroot_helper import protocol
+from chroot_helper.errors import LocalProtocolError, RemoteProtocolError
+from chroot_helper.protocol import (
+    CLOSED,
+    HEADER,
+    NEED_DATA,
+    Connection,
+    Data,
+    Error,
+    Exit,
+    Request,
+    Response,
+    Role,
+    Signal,
+    Started,
+    State,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+def feed(conn: Connection, data: bytes) -> list[object]:
+    conn.receive_data(data)
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if event is CLOSED:
+            break
+    return events
+
+
+def frame(kind: int, payload: bytes, *, magic: bytes = b"CH", version: int = 1) -> bytes:
+    return HEADER.pack(magic, version, kind, len(payload)) + payload
+
+
+def test_a_whole_exec_exchange_round_trips() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    request = Request(op="exec", params={"command": "cat", "args": ["-u"]}, fds=1, token=None)
+    to_server = (
+        client.send(request) + client.send(Data(stream=0, data=b"in")) + client.send(Data(stream=0))
+    )
+    to_server += client.send(Signal(signal=15))
+    assert feed(server, to_server) == [
+        request,
+        Data(stream=0, data=b"in"),
+        Data(stream=0),
+        Signal(signal=15),
+    ]
+    replies = [
+        Started(),
+        Data(stream=1, data=b"out"),
+        Data(stream=2, data=b"err"),
+        Exit(returncode=-9, timed_out=True),
+    ]
+    to_client = b"".join(server.send(e) for e in replies)
+    assert feed(client, to_client) == replies
+    assert client.their_state is State.DONE and server.our_state is State.DONE
+
+
+def test_events_survive_being_fed_one_byte_at_a_time() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    request = Request(op="resolve", params={"name": "example.org", "nested": {"a": [1, 2.5, None]}})
+    events = []
+    for byte in client.send(request):
+        events += feed(server, bytes([byte]))
+    assert events == [request]
+    reply = server.send(Response(result={"addresses": ["127.0.0.1"]}))
+    assert feed(client, reply) == [Response(result={"addresses": ["127.0.0.1"]})]
+
+
+def test_clean_eof_between_frames_is_closed() -> None:
+    server = Connection(Role.SERVER)
+    assert feed(server, b"") == [CLOSED]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"GET / HTTP/1.1\r\n", "bad frame magic"),
+        (frame(1, b"{}", version=2), "frame version 2 is not supported"),
+        (HEADER.pack(b"CH", 1, 1, protocol.MAX_JSON_PAYLOAD + 1), "outside 1..65536"),
+        (HEADER.pack(b"CH", 1, 2, 1 << 31), "of 2147483648 bytes"),
+        (frame(9, b"{}"), "unknown frame type 9"),
+        (frame(1, b"\xff\xfe"), "not valid UTF-8 JSON"),
+        (frame(1, b"[1]"), "not a JSON object"),
+        (frame(1, b"[" * 5000 + b"]" * 5000), "not valid UTF-8 JSON"),
+        (frame(1, json.dumps({"op": "exec", "fds": "3"}).encode()), "'fds' is '3'"),
+        (frame(1, json.dumps({"op": "exec", "fds": 7}).encode()), "fds=7 is outside 0..3"),
+        (frame(1, json.dumps({"op": "../x", "fds": 0}).encode()), "is not an identifier"),
+        (frame(1, json.dumps({"op": "exec", "fds": True}).encode()), "expected an integer"),
+        (frame(2, b"\x01x"), "Data frame from the client in state idle"),
+        (frame(3, b'{"signal": 15}'), "Signal frame from the client in state idle"),
+    ],
+)
+def test_invalid_bytes_raise_remote_protocol_errors(data: bytes, message: str) -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(data)
+    with pytest.raises(RemoteProtocolError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        server.next_event()
+
+
+def test_oversized_frame_is_refused_from_its_header_alone() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(HEADER.pack(b"CH", 1, 1, 10 << 20))  # no payload needed to decide
+    with pytest.raises(RemoteProtocolError, match="outside"):
+        server.next_event()
+
+
+def test_eof_inside_a_frame_is_an_error() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(frame(1, b'{"op": "exec", "fds": 0}')[:-3])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="closed inside a frame"):
+        server.next_event()
+
+
+def test_client_may_not_send_output_streams_and_server_may_not_send_stdin() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    client.send(Request(op="exec"))
+    with pytest.raises(LocalProtocolError, match="may not send data on stream 1"):
+        client.send(Data(stream=1, data=b"x"))
+    feed(server, Connection(Role.CLIENT).send(Request(op="exec")))
+    with pytest.raises(LocalProtocolError, match="may not send data on stream 0"):
+        server.send(Data(stream=0, data=b"x"))
+
+
+def test_peer_sending_stdout_data_is_rejected() -> None:
+    server = Connection(Role.SERVER)
+    feed(server, Connection(Role.CLIENT).send(Request(op="exec")))
+    server.receive_data(frame(2, b"\x01evil"))
+    with pytest.raises(RemoteProtocolError, match="may not send data on stream 1"):
+        server.next_event()
+
+
+def test_data_after_end_of_stream_is_rejected() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    data = client.send(Request(op="exec")) + client.send(Data(stream=0))
+    feed(server, data)
+    server.receive_data(frame(2, b"\x00late"))
+    with pytest.raises(RemoteProtocolError, match="after its end"):
+        server.next_event()
+
+
+def test_nothing_may_follow_the_final_frame() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    feed(server, client.send(Request(op="exec")))
+    server.send(Exit(returncode=0))
+    with pytest.raises(LocalProtocolError, match="in state done"):
+        server.send(Data(stream=1, data=b"x"))
+
+
+def test_either_side_may_send_an_error_first() -> None:
+    server = Connection(Role.SERVER)
+    data = server.send(Error(code="refused", message="peer uid 65534 is not allowed"))
+    client = Connection(Role.CLIENT)
+    client.send(Request(op="exec"))
+    assert feed(client, data) == [Error(code="refused", message="peer uid 65534 is not allowed")]
+
+
+def test_event_constructors_validate() -> None:
+    with pytest.raises(LocalProtocolError, match="stream 5"):
+        Data(stream=5)
+    with pytest.raises(LocalProtocolError, match="JSON cannot carry"):
+        Request(op="exec", params={"x": object()})
+    with pytest.raises(LocalProtocolError, match="outside 1..64"):
+        Signal(signal=0)
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        Data(stream=1, data=b"x" * protocol.MAX_DATA_PAYLOAD)
+
+
+def test_buffer_is_compacted_as_frames_are_consumed() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    feed(server, client.send(Request(op="exec")))
+    for _ in range(100):
+        assert feed(server, client.send(Data(stream=0, data=b"z" * 1000))) == [
+            Data(stream=0, data=b"z" * 1000)
+        ]
+    assert server.buffered == 0
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_only_ever_raise_remote_protocol_error(data: bytes) -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(data)
+    server.receive_data(b"")
+    try:
+        while server.next_event() not in (NEED_DATA, CLOSED):
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(st.binary(min_size=0, max_size=512), st.integers(min_value=1, max_value=7))
+def test_random_payloads_under_valid_headers_only_raise_remote_protocol_error(
+    payload: bytes, kind: int
+) -> None:
+    for role in (Role.SERVER, Role.CLIENT):
+        conn = Connection(role)
+        conn.our_state = conn.their_state = State.RUNNING
+        conn.receive_data(frame(kind, payload))
+        try:
+            conn.next_event()
+        except RemoteProtocolError:
+            pass
