@@ -115,6 +115,27 @@ def _exec(argv: Sequence[str], timeout: float | None) -> int:
     return done.returncode if done.returncode >= 0 else 128 - done.returncode
 
 
+def _dns_stats(config_path: str | None) -> int:
+    from . import client
+    from .services.dns import DnsStats, format_stats
+
+    if config_path is not None:
+        from .config import load_config
+
+        try:
+            os.environ["CHROOT_HELPER_SOCKET"] = load_config(config_path).socket
+        except HelperError as exc:
+            print(f"chroot-helper: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        result = client.call("dns_stats")
+    except HelperError as exc:
+        print(f"chroot-helper: {exc}", file=sys.stderr)
+        return EXIT_HELPER
+    print(format_stats(DnsStats.from_json(result)))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chroot-helper`` console script."""
     parser = argparse.ArgumentParser(prog="chroot-helper", description=__doc__.split("\n")[0])
@@ -130,11 +151,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_exec.add_argument("name", help="configured command name or path")
     p_exec.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the command")
+    p_stats = sub.add_parser("dns-stats", help="print the DNS stub's counters")
+    p_stats.add_argument(
+        "--config", help="the helper's TOML file (for its socket); else $CHROOT_HELPER_SOCKET"
+    )
     ns = parser.parse_args(argv)
     if ns.command == "serve":
         return _serve(ns.config, ns.log_level)
     if ns.command == "check":
         return _check(ns.config)
+    if ns.command == "dns-stats":
+        return _dns_stats(ns.config)
     return _exec([ns.name, *ns.args], ns.timeout)
 
 

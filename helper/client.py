@@ -35,7 +35,7 @@ import selectors
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Final, Literal, overload
 
 from .errors import HelperError, LocalProtocolError, RemoteProtocolError, error_from_code
@@ -252,6 +252,33 @@ class _Session:
 
 def _raise_error(event: Error) -> None:
     raise error_from_code(event.code, event.message)
+
+
+def call(op: str, **params: object) -> Mapping[str, object]:
+    """Ask a service other than exec (e.g. ``"dns_stats"``) and return its answer.
+
+    :raises HelperUnavailable: the helper cannot be reached or hung up.
+    :raises RequestError: the helper refused the request (unknown op, peer not allowed, ...).
+    """
+    sock, token = _connect()
+    conn = Connection(Role.CLIENT)
+    with sock:
+        sock.sendall(conn.send(Request(op=op, params=params, token=token)))
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Response):
+                return event.result
+            if isinstance(event, Error):
+                _raise_error(event)
+            if event is CLOSED:
+                raise HelperUnavailable(
+                    f"chroot-helper closed the connection without answering {op!r}"
+                )
+            if event is not NEED_DATA:
+                raise RemoteProtocolError(
+                    f"expected a RESPONSE to {op!r}, got {type(event).__name__}"
+                )
+            conn.receive_data(sock.recv(65536))
 
 
 @overload

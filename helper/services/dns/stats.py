@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 __all__ = ["Counters", "DnsStats", "format_stats"]
 
@@ -79,6 +80,17 @@ class DnsStats:
     def snapshot(cls, counters: Counters, *, cache_entries: int, uptime: float) -> DnsStats:
         """Freeze ``counters``."""
         return cls(**dataclasses.asdict(counters), cache_entries=cache_entries, uptime=uptime)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, object]) -> DnsStats:
+        """Rebuild stats the daemon sent (``chroot-helper dns-stats``); missing counters are 0."""
+        values: dict[str, float] = {}
+        for item in dataclasses.fields(cls):
+            value = data.get(item.name, 0)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"dns stats: {item.name} = {value!r} is not a number")
+            values[item.name] = value
+        return cls(**values)  # type: ignore[arg-type]  # ints where the fields say int
 
     @property
     def hit_ratio(self) -> float:

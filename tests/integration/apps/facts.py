@@ -243,7 +243,31 @@ def resolve(environ):
     }
 
 
+def helper(environ):
+    """The jailed app runs an allowlisted command through chroot-helper (no /bin in the jail)."""
+    from chroot_helper import client
+
+    return {
+        "bin_echo_exists": os.path.exists("/bin/echo"),
+        "echo": _attempt(
+            lambda: (
+                client.run(["echo", "from", "the helper"], capture_output=True, text=True).stdout
+            )
+        ),
+        "not_allowed": _attempt(lambda: client.run(["rm", "-rf", "/"])),
+    }
+
+
+def sleep(environ):
+    import time
+
+    time.sleep(30)
+    return {"slept": 30}
+
+
 ROUTES = {
+    "/helper": helper,
+    "/sleep": sleep,
     "/resolve": resolve,
     "/facts": facts,
     "/escapes": escapes,
