@@ -96,6 +96,9 @@ class JailConfig:
         ``/tmp/chrootwsgi-UID``; ``""`` keeps a private copy in each worker's memory.
     :param seccomp: after entry, deny with EPERM the syscalls a web worker never needs
         (mounts, namespaces, ptrace, bpf, io_uring, ...; see :mod:`chrootwsgi.seccomp`).
+    :param exec_shim: route ``subprocess`` calls of the jailed app to chroot-helper's exec
+        service (:mod:`chroot_helper.shim`): ``true`` for every command (the helper refuses what it
+        does not allow), or a list of command names to route.
     :param app: ``"module:callable"`` for the packaged wrapper script; unused by the jail itself.
     """
 
@@ -116,6 +119,7 @@ class JailConfig:
     expose_script: bool = True
     snapshot_cache: str = "auto"
     seccomp: bool = True
+    exec_shim: bool | tuple[str, ...] = False
     app: str | None = None
 
     def resolved_mode(self) -> Literal["rootless", "privileged"]:
@@ -165,6 +169,7 @@ def load_config(path: str | None = None, /, **overrides: object) -> JailConfig:
         expose_script=_bool("expose_script", values.get("expose_script", True)),
         snapshot_cache=_snapshot_cache(values.get("snapshot_cache", "auto")),
         seccomp=_bool("seccomp", values.get("seccomp", True)),
+        exec_shim=_exec_shim(values.get("exec_shim", False)),
         app=_optional_str("app", values.get("app")),
     )
     check_root(config.root)
@@ -338,6 +343,12 @@ def _devices(value: object) -> tuple[str, ...]:
                 f"{', '.join(DEFAULT_DEVICES + ('tty',))}"
             )
     return devices
+
+
+def _exec_shim(value: object) -> bool | tuple[str, ...]:
+    if isinstance(value, bool):
+        return value
+    return _str_tuple("exec_shim", value)
 
 
 def _snapshot_cache(value: object) -> str:

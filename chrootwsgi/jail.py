@@ -3,7 +3,8 @@
 :func:`enter_jail` runs these steps in this order, once per process:
 
 1. check: the process is single-threaded (``/proc/self/task``), the mode can work;
-2. preload libraries, modules and lazily read data (:mod:`chrootwsgi.preload`);
+2. preload libraries, modules and lazily read data (:mod:`chrootwsgi.preload`); install the
+   exec shim (``exec_shim``) that routes ``subprocess`` to chroot-helper;
 3. snapshot the importable modules and dlopen extension modules (:mod:`chrootwsgi.importer`);
 4. close every directory and namespace descriptor (:mod:`chrootwsgi.fds`);
 5. new namespaces: *rootless* = user + mount namespace mapping only the worker's own uid/gid;
@@ -139,6 +140,10 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
         modules=config.preload_modules,
         user_uid=identity.uid,
     )
+    if config.exec_shim:
+        from chroot_helper import shim
+
+        shim.install(config.exec_shim if isinstance(config.exec_shim, tuple) else None)
     mark("preload")
     snapshot = Snapshot.build(cache_dir=_cache_dir(config))
     snapshot.load_extensions(config.preload_modules)

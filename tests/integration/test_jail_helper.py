@@ -35,13 +35,15 @@ hosts_file = ""
 """
         with running_helper(config) as helper:
             jail = os.path.dirname(os.path.dirname(helper.socket))
-            script = jailed_script(root=jail, nameservers=[host])
+            script = jailed_script(root=jail, nameservers=[host], exec_shim=True)
             with Apache(Site(script=script)) as apache:
                 result = apache.get("/helper").json()
                 assert result["bin_echo_exists"] is False
                 assert result["echo"] == {"ok": True, "result": "from the helper\n"}
                 assert result["not_allowed"]["ok"] is False
                 assert "rm" in result["not_allowed"]["error"]
+                shimmed = apache.get("/shim").json()
+                assert shimmed == {"run": {"ok": True, "result": "via shim\n"}}
                 resolved = apache.get("/resolve").json()
                 assert resolved["getaddrinfo"] == {"ok": True, "result": ["192.0.2.77"]}
             stats = subprocess.run(

@@ -258,6 +258,19 @@ def helper(environ):
     }
 
 
+def shim(environ):
+    """Unchanged code calling subprocess, with ChrootMiddleware(exec_shim=True)."""
+    import subprocess
+
+    return {
+        "run": _attempt(
+            lambda: subprocess.run(
+                ["/bin/echo", "via", "shim"], capture_output=True
+            ).stdout.decode()
+        ),
+    }
+
+
 def sleep(environ):
     import time
 
@@ -267,6 +280,7 @@ def sleep(environ):
 
 ROUTES = {
     "/helper": helper,
+    "/shim": shim,
     "/sleep": sleep,
     "/resolve": resolve,
     "/facts": facts,
