@@ -37,6 +37,8 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/jail_overhead.py
+	$(BIN)/python bench/exec_latency.py
+	$(BIN)/python bench/dns_stub.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
