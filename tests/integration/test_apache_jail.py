@@ -108,24 +108,6 @@ def test_read_only_exposure(site):
     assert os.listdir(exposed) == ["hello.txt"]
 
 
-@pytest.mark.parametrize(
-    "attempt",
-    [
-        "second_chroot",
-        "fchdir_inherited",
-        "mount",
-        "write_root",
-        "setuid_root",
-        "proc_root",
-        "unshare_user",
-    ],
-)
-def test_escape_attempt_fails(site, attempt):
-    apache, _, _ = site
-    result = apache.get("/escapes").json()[attempt]
-    assert result["ok"] is False, result
-
-
 def test_every_request_is_served_jailed(site):
     apache, _, _ = site
     pids = set()

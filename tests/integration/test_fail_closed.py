@@ -15,7 +15,7 @@ NOT_JAILED_BODY = "Service Unavailable: this worker is not running in its jail.\
 
 
 def assert_fails_closed(apache: Apache, reason: str) -> None:
-    for path in ("/", "/facts", "/escapes"):
+    for path in ("/", "/facts", "/lazy"):
         response = apache.get(path)
         assert response.status_code == 503, response.text
         assert response.text == NOT_JAILED_BODY

@@ -115,71 +115,6 @@ def facts(environ):
     }
 
 
-def escapes(environ):
-    """Every classic way out of a chroot; each must fail."""
-    results = {}
-
-    def second_chroot():
-        os.makedirs("/tmp/inner", exist_ok=True)
-        os.chroot("/tmp/inner")
-        for _ in range(64):
-            os.chdir("..")
-        os.chroot(".")
-        return sorted(os.listdir("/"))
-
-    def fchdir_inherited():
-        found = []
-        for fd in range(3, 4096):
-            try:
-                os.fchdir(fd)
-            except OSError:
-                continue
-            found.append(fd)
-            for _ in range(64):
-                os.chdir("..")
-            found.append(sorted(os.listdir(".")))
-            os.chdir("/")
-        if found:
-            return found
-        raise OSError(errno.ENOTDIR, "no directory descriptor")
-
-    def mount():
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) != 0:
-            raise OSError(ctypes.get_errno(), "mount")
-        return "mounted"
-
-    def write_root():
-        with open("/planted", "w") as file:
-            file.write("x")
-        return "written"
-
-    def setuid_root():
-        os.setuid(0)
-        return os.getuid()
-
-    def proc_root():
-        return os.listdir("/proc/1/root")
-
-    def unshare_user():
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.unshare(0x10000000) != 0:
-            raise OSError(ctypes.get_errno(), "unshare")
-        return "new user namespace"
-
-    for name, action in [
-        ("second_chroot", second_chroot),
-        ("fchdir_inherited", fchdir_inherited),
-        ("mount", mount),
-        ("write_root", write_root),
-        ("setuid_root", setuid_root),
-        ("proc_root", proc_root),
-        ("unshare_user", unshare_user),
-    ]:
-        results[name] = _attempt(action)
-    return results
-
-
 def exposure(environ):
     return {
         "read": _attempt(lambda: open("/exposed/hello.txt").read()),
@@ -284,7 +219,6 @@ ROUTES = {
     "/sleep": sleep,
     "/resolve": resolve,
     "/facts": facts,
-    "/escapes": escapes,
     "/exposure": exposure,
     "/lazy": lazy,
 }
