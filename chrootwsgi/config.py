@@ -99,6 +99,9 @@ class JailConfig:
     :param exec_shim: route ``subprocess`` calls of the jailed app to chroot-helper's exec
         service (:mod:`chroot_helper.shim`): ``true`` for every command (the helper refuses what it
         does not allow), or a list of command names to route.
+    :param require_helper: the app cannot work without chroot-helper: entry fails (and the
+        worker answers 503) unless the helper answers on its socket inside the jail
+        (``$CHROOT_HELPER_SOCKET`` or ``/run/chroot-helper.sock``).
     :param app: ``"module:callable"`` for the packaged wrapper script; unused by the jail itself.
     """
 
@@ -120,6 +123,7 @@ class JailConfig:
     snapshot_cache: str = "auto"
     seccomp: bool = True
     exec_shim: bool | tuple[str, ...] = False
+    require_helper: bool = False
     app: str | None = None
 
     def resolved_mode(self) -> Literal["rootless", "privileged"]:
@@ -170,6 +174,7 @@ def load_config(path: str | None = None, /, **overrides: object) -> JailConfig:
         snapshot_cache=_snapshot_cache(values.get("snapshot_cache", "auto")),
         seccomp=_bool("seccomp", values.get("seccomp", True)),
         exec_shim=_exec_shim(values.get("exec_shim", False)),
+        require_helper=_bool("require_helper", values.get("require_helper", False)),
         app=_optional_str("app", values.get("app")),
     )
     check_root(config.root)

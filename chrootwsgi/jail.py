@@ -17,7 +17,7 @@
 9. load the syscall filter (:mod:`chrootwsgi.seccomp`), unless ``seccomp = false``;
 10. install the snapshot importer;
 11. verify: uid/gid as expected, no capabilities, ``/..`` is ``/``, ``setuid(0)`` fails, the
-    filter is in force.
+    filter is in force, and (``require_helper``) chroot-helper answers on its socket.
 
 A failure at any step raises :class:`~chrootwsgi.errors.EntryError` and leaves the process marked
 as failed: it must not serve (:class:`~chrootwsgi.ChrootMiddleware` answers 503). A process that
@@ -37,6 +37,7 @@ import grp
 import logging
 import os
 import pwd
+import socket
 import sys
 import tempfile
 import time
@@ -175,6 +176,8 @@ def _enter(config: JailConfig, script: str | None) -> JailState:
     tempfile.tempdir = "/tmp" if config.tmp else None
     mark("enter")
     _verify(identity, filtered=config.seccomp)
+    if config.require_helper:
+        _check_helper()
     seconds = time.perf_counter() - started
     log.info(
         "pid %d: entered jail %s (%s) as uid %d in %.1f ms; %d modules kept (%d KiB, %s)",
@@ -310,6 +313,27 @@ def _drop_privileges(mode: str, identity: view.Identity) -> None:
     # Not dumpable: other processes of the same uid (sibling workers, other sites) cannot
     # ptrace the jailed worker or read its memory.
     linux.prctl(linux.PR_SET_DUMPABLE, 0)
+
+
+def _check_helper() -> None:
+    """Connect to chroot-helper's socket as the jailed app will; EntryError if nobody answers."""
+    from chroot_helper.client import helper_address
+
+    address, _ = helper_address()
+    try:
+        if address.startswith("/"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(address)
+        else:
+            host, _, port = address.rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise EntryError(
+            f"require_helper is set but chroot-helper does not answer at {address!r} inside "
+            f"the jail ({reason}): start chroot-helper with its socket in the jail directory "
+            '(socket = "<root>/run/chroot-helper.sock"), or set $CHROOT_HELPER_SOCKET'
+        ) from None
 
 
 def _verify(identity: view.Identity, *, filtered: bool) -> None:

@@ -66,3 +66,8 @@ def test_preload_failure(jail_root):
     script = jailed_script(root=jail_root, preload_modules=["no_such_module_for_the_jail"])
     with Apache(Site(script=script)) as apache:
         assert_fails_closed(apache, "preload.modules: cannot import 'no_such_module_for_the_jail'")
+
+
+def test_required_helper_missing(jail_root):
+    with Apache(Site(script=jailed_script(root=jail_root, require_helper=True))) as apache:
+        assert_fails_closed(apache, "require_helper is set but chroot-helper does not answer")

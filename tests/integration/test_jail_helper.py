@@ -35,7 +35,9 @@ hosts_file = ""
 """
         with running_helper(config) as helper:
             jail = os.path.dirname(os.path.dirname(helper.socket))
-            script = jailed_script(root=jail, nameservers=[host], exec_shim=True)
+            script = jailed_script(
+                root=jail, nameservers=[host], exec_shim=True, require_helper=True
+            )
             with Apache(Site(script=script)) as apache:
                 result = apache.get("/helper").json()
                 assert result["bin_echo_exists"] is False
