@@ -98,18 +98,25 @@ def build_view(
         shown.append("/tmp")
     mounts = [(path, path, False) for path in read_only_files]
     mounts += [(e.host, e.jail, e.writable) for e in config.expose]
-    for host, jail, writable in mounts:
+    host_mounts = ["/" + name for name in on_disk]
+    for host, jail, writable in sorted(mounts, key=lambda mount: mount[1].count("/")):
         target = _jail_path(root, jail)
-        if jail.split("/")[1] in on_disk and not os.path.lexists(target):
-            # The mount point would have to be created in the jail directory on disk.
-            log.warning("%s not shown in the jail: create %s on disk to mount it", host, target)
+        if _below(jail, host_mounts) and not os.path.lexists(target):
+            # Its mount point would have to be created in a host directory (the jail on disk,
+            # or another exposure): never write to the host.
+            log.warning("%s not shown in the jail: create %s on the host to mount it", host, jail)
             continue
         _bind(os.path.realpath(host), target, writable=writable)
+        host_mounts.append(jail)
         shown.append(jail)
     linux.mount(
         None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV
     )
     return shown
+
+
+def _below(path: str, mounts: Sequence[str]) -> bool:
+    return any(path == mount or path.startswith(mount.rstrip("/") + "/") for mount in mounts)
 
 
 def _jail_path(root: str, path: str) -> str:

@@ -170,3 +170,28 @@ def test_unreachable_root_is_explained(tmp_path):
         f"root {str(root)!r} cannot be reached by uid 33: give it and every directory above "
         "it mode 755 (a+rx)"
     )
+
+
+def test_no_mount_point_is_ever_created_in_a_host_directory(jail_root):
+    uploads = world_readable_dir("chrootwsgi-exposed-")
+    static = world_readable_dir("chrootwsgi-ro-")
+    os.chmod(uploads, 0o777)  # a writable exposure
+    try:
+        facts = run_python(
+            f"""
+            chrootwsgi.enter_jail(
+                {jail_root!r},
+                expose=[
+                    {{"host": {str(uploads)!r}, "jail": "/data", "writable": True}},
+                    {{"host": {str(static)!r}, "jail": "/data/static"}},
+                ],
+            )
+            report(listing=sorted(os.listdir("/data")))
+            """,
+            user=33,
+        )
+        assert facts["listing"] == []  # /data/static would need a mount point in the host dir
+        assert os.listdir(uploads) == [], "a mount point was created in the host's exposed dir"
+    finally:
+        shutil.rmtree(uploads)
+        shutil.rmtree(static)
