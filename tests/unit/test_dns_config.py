@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from chroot_helper.config import load_config
 from chroot_helper.errors import ConfigError
+from chroot_helper.server import load_services
 from chroot_helper.services.dns import (
     JAIL_NSSWITCH_CONF,
     DnsConfig,
@@ -111,3 +113,13 @@ def test_jail_resolv_conf_needs_port_53():
     config = parse_config({"listen": "127.0.0.53:5353", "upstreams": ["127.0.0.2:5300"]})
     with pytest.raises(ConfigError, match=r"dns.listen = '127.0.0.53:5353'.*port 53"):
         jail_resolv_conf(config)
+
+
+def test_helper_serve_refuses_several_dns_workers(tmp_path):
+    path = tmp_path / "helper.toml"
+    path.write_text(
+        f'[helper]\nsocket = "{tmp_path}/h.sock"\nallow_uids = [0]\n'
+        '[dns]\nlisten = "127.0.0.1:5399"\nupstreams = ["127.0.0.2:53"]\nworkers = 2\n'
+    )
+    with pytest.raises(ConfigError, match="dns.workers = 2: inside chroot-helper serve"):
+        load_services(load_config(str(path)))

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from ...config import HelperConfig
+from ...errors import ConfigError
 from ...protocol import Request, Response
 from ...server import Channel, Service
 from .config import DnsConfig, parse_config
@@ -46,4 +47,11 @@ class DnsHelperService(Service):
 
 def create_service(config: HelperConfig, table: Mapping[str, object]) -> DnsHelperService:
     """The server's entry point for a ``[dns]`` table; raises ConfigError on a bad table."""
-    return DnsHelperService(parse_config(table))
+    dns = parse_config(table)
+    if dns.workers > 1:
+        raise ConfigError(
+            f"dns.workers = {dns.workers}: inside chroot-helper serve the stub runs in the "
+            "daemon's own loop; remove dns.workers, or run the stub alone with "
+            "'python -m chroot_helper.services.dns --config FILE' for several workers"
+        )
+    return DnsHelperService(dns)
