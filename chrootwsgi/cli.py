@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args)
     except UnsafeJailError as exc:
-        print(f"chrootwsgi: refusing {exc.problems[0][0]}:", file=sys.stderr)
+        print("chrootwsgi: refused; fix these and run it again:", file=sys.stderr)
         for path, what, fix in exc.problems:
             print(f"  {path}: {what}\n    fix: {fix}", file=sys.stderr)
         return EXIT_UNSAFE_JAIL

@@ -26,7 +26,7 @@ import stat
 import subprocess
 from collections.abc import Sequence
 
-from .config import Exposure, check_root
+from .config import Exposure
 from .errors import ConfigError, UnsafeJailError
 
 #: Directories that are never a jail: chrooting there shows the whole host or a system tree.
@@ -67,13 +67,13 @@ def init_jail(
                 (
                     root,
                     "is a system directory",
-                    f"give a directory of its own, e.g. {root.rstrip('/')}/jail",
+                    "give a directory of its own, e.g. /srv/jail/myapp",
                 )
             ]
         )
     actions: list[str] = []
     if not os.path.lexists(root):
-        _refuse(_parent_problems(os.path.dirname(root)))
+        _refuse(_ancestor_problems(os.path.dirname(root)))
         os.makedirs(root, mode=0o755)
         os.chown(root, 0, 0)
         os.chmod(root, 0o755)
@@ -104,7 +104,7 @@ def init_jail(
         os.chmod(path, mode)
         kind = "directory" if is_dir else "file"
         actions.append(f"created {path} (root:root, {mode:04o}, mount point {kind})")
-    _refuse(_worker_problems(root, worker, skip={p for p, m, _ in wanted if m == 0o1777}))
+    _refuse(_worker_problems(root, worker))
     actions.append(f"checked that {user} (uid {worker.pw_uid}) cannot write to {root}")
     return actions
 
@@ -137,20 +137,30 @@ def _root_problems(root: str) -> list[Problem]:
         problems.append(
             (root, f"has mode {stat.S_IMODE(st.st_mode):04o}, not 0755", f"chmod 0755 {root}")
         )
-    return problems or _parent_problems(root)
+    real = os.path.realpath(root)
+    if real != root:
+        problems.append((root, f"has a symlink above it (it is {real})", f"use {real}"))
+    return problems or _ancestor_problems(os.path.dirname(root))
 
 
-def _parent_problems(path: str) -> list[Problem]:
-    """check_root's verdict on *path* and everything above it, as a problem with its fix."""
+def _ancestor_problems(path: str) -> list[Problem]:
+    """The existing directories at and above *path*: root's, writable by no one else.
+
+    A world-writable directory with the sticky bit (``/tmp``) is allowed above the jail, as in
+    :func:`~chrootwsgi.config.check_root`: others cannot rename or replace what root made there.
+    """
     while not os.path.lexists(path):
         path = os.path.dirname(path)
-    try:
-        check_root(path)
-    except ConfigError as exc:
-        message = str(exc)
-        cut = message.rfind("; ") if "; " in message else message.rfind(": ")
-        return [(path, message[:cut], message[cut + 2 :])]
-    return []
+    while True:
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != 0:
+            return [(path, f"is owned by uid {st.st_uid}", f"chown root:root {path}")]
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            return [(path, f"is writable by others (mode {mode:04o})", f"chmod go-w {path}")]
+        if path == "/":
+            return []
+        path = os.path.dirname(path)
 
 
 def _content_problems(root: str) -> list[Problem]:
@@ -208,12 +218,15 @@ def _make_parents(root: str, directory: str, actions: list[str]) -> None:
         actions.append(f"created {path} (root:root, 0755)")
 
 
-def _worker_problems(root: str, worker: pwd.struct_passwd, skip: set[str]) -> list[Problem]:
-    """Ask the kernel, as the worker, whether it can write anywhere (ACLs included)."""
+def _worker_problems(root: str, worker: pwd.struct_passwd) -> list[Problem]:
+    """Ask the kernel, as the worker, whether it can write to a directory (ACLs included).
+
+    Sticky directories (a shared ``tmp/``) are writable on purpose and skipped.
+    """
     if os.geteuid() != 0:
         return []  # only root can switch to the worker; the mode checks above still hold
     paths = [root] + [os.path.join(d, n) for d, dirs, _ in os.walk(root) for n in dirs]
-    paths = [p for p in paths if p not in skip and not os.path.islink(p)]
+    paths = [p for p in paths if not os.path.islink(p) and not os.stat(p).st_mode & stat.S_ISVTX]
     result = subprocess.run(
         [
             "setpriv",

@@ -37,11 +37,8 @@ class SnippetApache(Apache):
         self.snippet.write_text(snippet)
 
     def config(self) -> str:
-        kept = [
-            line
-            for line in super().config().splitlines()
-            if not re.match(r"\s*WSGI(DaemonProcess|ScriptReloading|ImportScript|ScriptAlias)", line)
-        ]
+        replaced = re.compile(r"\s*WSGI(DaemonProcess|ScriptReloading|ImportScript|ScriptAlias)")
+        kept = [line for line in super().config().splitlines() if not replaced.match(line)]
         return "\n".join(kept) + f"\nInclude {self.snippet}\n"
 
 
@@ -131,9 +128,7 @@ def test_host_passwd_is_replaced_by_the_jails(served):
 
 def test_config_named_in_the_environment(jail_root, config_dir, data_dir, monkeypatch):
     config = config_dir / "elsewhere.toml"
-    config.write_text(
-        f'app = "flask_sample:app"\nroot = "{jail_root}"\nexpose = ["{FLASK_APP}"]\n'
-    )
+    config.write_text(f'app = "flask_sample:app"\nroot = "{jail_root}"\nexpose = ["{FLASK_APP}"]\n')
     config.chmod(0o644)
     monkeypatch.setenv("CHROOTWSGI_CONFIG", str(config))
     with SnippetApache(snippet_for(jail_root, "othername", dict(os.environ))) as apache:
