@@ -54,6 +54,8 @@ HELPER_EXEC = (
 )
 SMTP_PORTS = frozenset({25, 465, 587})
 PROBE_TIMEOUT = 120.0
+#: Never suggested for exposure as a whole directory.
+SYSTEM_PREFIXES = ("/etc", "/usr", "/var/lib", "/root", "/home", "/boot")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,10 +113,15 @@ def diagnose(
     stub_ok = not any(f.what == "DNS stub" and f.status != OK for f in system)
     findings: dict[tuple[str, str], Finding] = {}
     imports = 0
+    written: set[str] = set()  # files the requests wrote may be read back
     for item in probe["events"]:
         assert isinstance(item, list)
         event, args = item
+        if event == "open" and isinstance(args, list) and args[0] in written:
+            continue
         finding = _classify(event, args, config, sys_path, stub_ok)
+        if finding is not None and finding.status == OK and finding.what == "open (write)":
+            written.add(finding.detail)
         if finding is None:
             imports += 1
         else:
@@ -210,6 +217,7 @@ def _classify(
         what = "open" if event == "open" else "list"
         return _path_finding(what, str(args[0]), bool(args[1]), config, sys_path)
     if event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn"):
+        # The jail holds no programs (nor the libraries and files they would need).
         return Finding(status=BREAKS, what="exec", detail=str(args[0]), fix=HELPER_EXEC)
     if event == "socket.connect":
         family, address = args
@@ -279,6 +287,8 @@ def _path_finding(
         real.endswith((".py", ".pyc", ".so", ".pth")) or ".dist-info/" in real or what == "list"
     ):
         return None  # imports and importlib.metadata: served by the snapshot
+    if writing:
+        what += " (write)"
     if _visible(path, config, writing=writing):
         return Finding(status=OK, what=what, detail=path, fix="shown in the jail")
     if real.startswith(("/proc/", "/sys/")) or real in ("/proc", "/sys"):
@@ -294,17 +304,19 @@ def _path_finding(
     if writing:
         return Finding(
             status=BREAKS,
-            what=what + " (write)",
+            what=what,
             detail=path,
             fix=f'write to /tmp, or expose it writable: expose = ["{directory}:{directory}:rw"]',
         )
-    if under_sys_path:
+    if under_sys_path and os.path.exists(os.path.join(directory, "__init__.py")):
         fix = (
             "package data: read it with importlib.resources (served by the snapshot), or "
             f'expose it: expose = ["{directory}"]'
         )
+    elif os.path.isfile(path) and directory.startswith(SYSTEM_PREFIXES):
+        fix = f'show it read-only: [preload] files = ["{path}"]'
     elif os.path.isfile(path):
-        fix = f'expose it read-only: [preload] files = ["{path}"], or expose = ["{directory}"]'
+        fix = f'show it read-only: [preload] files = ["{path}"], or expose = ["{directory}"]'
     else:
         fix = f'expose it read-only: expose = ["{directory}"]'
     return Finding(status=BREAKS, what=what, detail=path, fix=fix)
@@ -326,8 +338,10 @@ def _visible(path: str, config: JailConfig, *, writing: bool = False) -> bool:
     }
     if not writing and path in generated:
         return True
-    if path in {f"/dev/{name}" for name in config.devices} or (config.tmp and _under(path, "/tmp")):
+    if path in {f"/dev/{name}" for name in config.devices}:
         return True
+    if config.tmp and writing and _under(path, "/tmp"):
+        return True  # the private /tmp: empty at entry, writable
     read_only = [*preload.data_files(), *config.preload_files]
     if not writing and any(_under(path, item) for item in read_only):
         return True
