@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,12 +238,15 @@ def _run(args: argparse.Namespace) -> int:
         print(f"chrootwsgi: serving http://{args.host}:{args.port}/ jailed; Ctrl-C stops")
         sys.stdout.flush()
         process = subprocess.Popen(command, env=server_env(config_path))
-        try:
-            code = process.wait()
-        except KeyboardInterrupt:
-            code = process.wait()
-        # mod_wsgi-express (apachectl) exits 0 on SIGTERM/SIGINT: a clean stop.
-        return EXIT_OK if code in (0, -2, -15) else EXIT_SERVER
+
+        def forward(signum: int, frame: object) -> None:
+            process.send_signal(signum)  # Apache stops its daemons and itself on TERM and INT
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
+        code = process.wait()
+        # httpd exits 0 when stopped by a signal; a negative code means it was killed.
+        return EXIT_OK if code == 0 else EXIT_SERVER
 
 
 def _jail_init(args: argparse.Namespace) -> int:

@@ -71,6 +71,8 @@ def express_command(
         "--threads",
         str(threads),
         "--disable-reloading",
+        "--locale",
+        "C.UTF-8",
         "--log-to-terminal",
     ]
     if os.geteuid() == 0:
