@@ -3,6 +3,7 @@
 ::
 
     chrootwsgi check-config FILE        validate a jail config file
+    chrootwsgi config-reference         print the config file reference (Markdown)
     chrootwsgi wrapper-path             print the packaged drop-in WSGI script's path
     chrootwsgi apache-config ...        print an Apache snippet serving an app from its jail
     chrootwsgi run APP --root DIR       serve an app jailed through mod_wsgi-express (development)
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a jail configuration file")
     check.add_argument("config", help=f"TOML file, as named by {CONFIG_ENV}")
     check.set_defaults(handler=_check_config)
+
+    reference = commands.add_parser(
+        "config-reference", help="print the config file reference (Markdown) from the schema"
+    )
+    reference.set_defaults(handler=_config_reference)
 
     wrapper = commands.add_parser(
         "wrapper-path", help="print the drop-in WSGI script to name in WSGIScriptAlias"
@@ -164,6 +170,13 @@ def _parser() -> argparse.ArgumentParser:
 def _check_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     print(f"{args.config}: ok, jail {config.root} ({config.mode})")
+    return EXIT_OK
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from .reference import config_reference
+
+    print(config_reference(), end="")
     return EXIT_OK
 
 
