@@ -27,10 +27,12 @@ Example::
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -119,7 +121,7 @@ def diagnose(
         event, args = item
         if event == "open" and isinstance(args, list) and args[0] in written:
             continue
-        finding = _classify(event, args, config, sys_path, stub_ok)
+        finding = _classify(event, args, config, sys_path, stub_ok, worker)
         if finding is not None and finding.status == OK and finding.what == "open (write)":
             written.add(finding.detail)
         if finding is None:
@@ -209,13 +211,18 @@ def _run_probe(
 
 
 def _classify(
-    event: object, args: object, config: JailConfig, sys_path: list[str], stub_ok: bool
+    event: object,
+    args: object,
+    config: JailConfig,
+    sys_path: list[str],
+    stub_ok: bool,
+    user: str,
 ) -> Finding | None:
     """The finding for one recorded event; ``None`` for a read the import snapshot serves."""
     assert isinstance(event, str) and isinstance(args, list)
     if event in ("open", "os.listdir", "os.scandir"):
         what = "open" if event == "open" else "list"
-        return _path_finding(what, str(args[0]), bool(args[1]), config, sys_path)
+        return _path_finding(what, str(args[0]), bool(args[1]), config, sys_path, user)
     if event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn"):
         # The jail holds no programs (nor the libraries and files they would need).
         return Finding(status=BREAKS, what="exec", detail=str(args[0]), fix=HELPER_EXEC)
@@ -279,7 +286,7 @@ def _classify(
 
 
 def _path_finding(
-    what: str, path: str, writing: bool, config: JailConfig, sys_path: list[str]
+    what: str, path: str, writing: bool, config: JailConfig, sys_path: list[str], user: str
 ) -> Finding | None:
     real = os.path.realpath(path)
     under_sys_path = any(_under(real, p) for p in sys_path)
@@ -300,6 +307,13 @@ def _path_finding(
         )
     if not os.path.exists(path):
         return Finding(status=NOTE, what=what, detail=path, fix="ignore: missing on the host too")
+    if not _accessible(path, user, writing=writing):
+        return Finding(
+            status=NOTE,
+            what=what,
+            detail=path,
+            fix=f"ignore: {user} cannot use it on the host either",
+        )
     directory = path if os.path.isdir(path) else os.path.dirname(path)
     if writing:
         return Finding(
@@ -322,9 +336,25 @@ def _path_finding(
     return Finding(status=BREAKS, what=what, detail=path, fix=fix)
 
 
+def _accessible(path: str, user: str, *, writing: bool) -> bool:
+    """Whether *user* may read (or write) *path* by its mode bits, as the worker would."""
+    entry = pwd.getpwnam(user)
+    st = os.stat(path)
+    groups = {g.gr_gid for g in grp.getgrall() if user in g.gr_mem} | {entry.pw_gid}
+    if st.st_uid == entry.pw_uid:
+        bit = stat.S_IWUSR if writing else stat.S_IRUSR
+    elif st.st_gid in groups:
+        bit = stat.S_IWGRP if writing else stat.S_IRGRP
+    else:
+        bit = stat.S_IWOTH if writing else stat.S_IROTH
+    return bool(st.st_mode & bit)
+
+
 def _visible(path: str, config: JailConfig, *, writing: bool = False) -> bool:
     """Whether the jail shows *path* at the same place (and writable, if *writing*)."""
     path = os.path.normpath(path)
+    if not writing and path in ("/", "/etc", "/dev") or (config.tmp and path == "/tmp"):
+        return True  # the jail's own root and the directories its view always has
     if path != "/" and os.path.lexists(config.root + path):
         return True  # on disk in the jail directory: the same path inside
     generated = {
@@ -416,6 +446,7 @@ def _dns_finding(server: str) -> Finding:
     import dns.exception
     import dns.message
     import dns.query
+    import dns.rcode
 
     query = dns.message.make_query("localhost.", "A")
     try:
@@ -430,7 +461,8 @@ def _dns_finding(server: str) -> Finding:
             fix="not configured: start chroot-helper (DNS); names other than localhost and "
             "[hosts] will not resolve in the jail",
         )
-    return Finding(status=OK, what="DNS stub", detail=f"{server}:53 answers ({answer.rcode()})")
+    rcode = dns.rcode.to_text(answer.rcode())
+    return Finding(status=OK, what="DNS stub", detail=f"{server}:53 answers ({rcode})")
 
 
 def _helper_finding() -> Finding:

@@ -264,7 +264,9 @@ def stop(state: Path, *, quiet: bool = False) -> int:
             failed = True
         elif not quiet:
             print(f"stopped {'Apache' if name == 'httpd.pid' else 'the helper'} (pid {pid})")
-    leftovers = processes_of(state)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (leftovers := processes_of(state)) and time.monotonic() < deadline:
+        time.sleep(0.1)  # daemon processes may finish after their parent
     if leftovers:
         print(f"still running, started from {state}: pids {leftovers}", file=sys.stderr)
         return EXIT_FAILED
