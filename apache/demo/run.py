@@ -6,8 +6,8 @@ background:
 
 1. ``chrootwsgi jail init`` creates the EMPTY jail directory;
 2. the site's jail config (``chrootwsgi-demo.toml``) names the demo app and the jail;
-3. the helper: ``chroot-helper serve`` where it is installed; until then its DNS stub alone
-   (``python -m chroot_helper.services.dns``), and exec and mail show as "not configured";
+3. the helper: its DNS stub (``python -m chroot_helper.services.dns``); exec and mail show as
+   "not configured" until the demo starts ``chroot-helper serve`` with them;
 4. ``chrootwsgi apache-config`` writes the site snippet; Apache (``apache2 -k start``) serves
    it on 127.0.0.1:PORT with a mod_wsgi daemon running as www-data;
 5. the page is fetched once and summarised; the URL and how to stop are printed.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import importlib.util
 import os
 import re
 import shutil
@@ -144,12 +143,11 @@ def start_helper(state: Path, dns: str) -> str:
         f'[dns]\nlisten = "{dns}:53"\nhosts_file = "{HERE / "dns-hosts"}"\n'
         "upstream_timeout = 0.5\ntimeout = 1.0\n"
     )
-    if importlib.util.find_spec("chroot_helper.server") is not None:
-        command = [str(BIN / "chroot-helper"), "serve", "--config", str(config)]
-        what = "chroot-helper serve"
-    else:
-        command = [sys.executable, "-m", "chroot_helper.services.dns", "--config", str(config)]
-        what = "DNS stub only (exec and mail: not configured, chroot-helper serve is not installed)"
+    # Extension point: once `chroot-helper serve` ships exec and mail, start it here with their
+    # tables in helper.toml, and expose its socket in the jail config as /run/chroot-helper.sock;
+    # the page then shows them working. Until then its DNS stub runs alone.
+    command = [sys.executable, "-m", "chroot_helper.services.dns", "--config", str(config)]
+    what = "DNS stub only (exec and mail: not configured)"
     log = open(state / "helper.log", "wb")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
