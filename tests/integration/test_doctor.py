@@ -117,7 +117,7 @@ def test_app_that_needs_nothing_from_the_host_passes(site, jail_root):
     assert out.rstrip().endswith("nothing found that the jail breaks")
 
 
-def test_unsafe_jail_directory_is_a_breaking_finding(site, jail_root):
+def test_unsafe_jail_directory_is_refused_with_the_fix(site, jail_root):
     os.chmod(jail_root, 0o775)
     try:
         result = doctor(site, "clean")
