@@ -42,7 +42,9 @@ EXIT_SERVER = 5
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``chrootwsgi`` console script."""
+    argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
         code: int = args.handler(args)
     except UnsafeJailError as exc:
@@ -203,7 +205,7 @@ def _apache_config(args: argparse.Namespace) -> int:
         static=tuple(args.static),
         python_path=tuple(args.python_path),
         python_home=args.python_home,
-        command=quote_command(sys.argv[1:] if argv_is_ours() else []),
+        command=quote_command(args.argv),
     )
     if args.write_config:
         if os.path.exists(site.config):
@@ -216,11 +218,6 @@ def _apache_config(args: argparse.Namespace) -> int:
             print(f"chrootwsgi: wrote {site.config}", file=sys.stderr)
     print(render(site), end="")
     return EXIT_OK
-
-
-def argv_is_ours() -> bool:
-    """Whether ``sys.argv`` is this command's (not a caller's, as in tests calling :func:`main`)."""
-    return os.path.basename(sys.argv[0]) == "chrootwsgi"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -200,8 +200,12 @@ def _existing_problems(path: str, mode: int, is_dir: bool) -> list[Problem]:
     if stat.S_ISDIR(st.st_mode) != is_dir:
         kind = "a directory" if is_dir else "a file"
         return [(path, f"should be {kind} (a mount point)", f"rm -r {path}, then run this again")]
-    problems = _entry_problems(path, st) if mode != 0o1777 else []
-    if mode == 0o1777 and stat.S_IMODE(st.st_mode) != 0o1777:
+    if mode != 0o1777:
+        return _entry_problems(path, st)
+    problems: list[Problem] = []  # the shared tmp/: root's, writable by all, sticky
+    if st.st_uid != 0:
+        problems.append((path, f"is owned by uid {st.st_uid}", f"chown root:root {path}"))
+    if stat.S_IMODE(st.st_mode) != 0o1777:
         problems.append((path, f"has mode {stat.S_IMODE(st.st_mode):04o}", f"chmod 1777 {path}"))
     return problems
 
