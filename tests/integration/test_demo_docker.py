@@ -29,6 +29,7 @@ DOCKER = REPO / "docker"
 IMAGE = "localhost/chrootwsgi:test"
 BASE = "docker.io/library/debian:12-slim"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Within this kind of host's hard limits; containers get the same from containers.conf below.
 ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=4096:4096"]
 READY_TIMEOUT = 180.0
 BUILD_TIMEOUT = 1800
@@ -97,16 +98,16 @@ def image(podman_settings, tmp_path_factory) -> str:
             check=False,
         )
         assert bootstrap.returncode == 0, bootstrap.stdout[-3000:] + bootstrap.stderr
-        tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(
-            ["podman", "import", "-", "localhost/chrootwsgi-debian-base:12"],
-            stdin=tar.stdout,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        tar.wait()
+        with subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run(
+                ["podman", "import", "-", "localhost/chrootwsgi-debian-base:12"],
+                stdin=tar.stdout,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+        assert tar.returncode == 0, "tar of the debootstrap tree failed"
         assert imported.returncode == 0, imported.stderr
         podman("tag", "localhost/chrootwsgi-debian-base:12", BASE)
         shutil.rmtree(root)
@@ -149,22 +150,15 @@ def exit_code(name: str) -> int:
     return int(state["ExitCode"])
 
 
+def start_demo_container(name: str, port: int, *security_opts: str) -> None:
+    """The image with its default command (helper and Apache), published on 127.0.0.1:port."""
+    options = [arg for opt in security_opts for arg in ("--security-opt", opt)]
+    podman("run", "-d", "--name", name, *options, "-p", f"127.0.0.1:{port}:8080", IMAGE)
+
+
 def test_entrypoint_serves_on_the_host_and_stops_on_term(image):
     name, port = f"chrootwsgi-test-{os.getpid()}", free_port()
-    podman(
-        "run",
-        "-d",
-        "--name",
-        name,
-        *ULIMITS,
-        "--security-opt",
-        f"seccomp={DOCKER / 'seccomp.json'}",
-        "--security-opt",
-        "no-new-privileges",
-        "-p",
-        f"127.0.0.1:{port}:8080",
-        image,
-    )
+    start_demo_container(name, port, f"seccomp={DOCKER / 'seccomp.json'}", "no-new-privileges")
     try:
         assert_jailed_page(wait_for_page(f"http://127.0.0.1:{port}/", [name]))
         podman("stop", "--time", "30", name, timeout=120)
@@ -178,7 +172,7 @@ def test_entrypoint_serves_on_the_host_and_stops_on_term(image):
 
 
 def compose_run_args(service: dict, project: str, pod: str) -> list[str]:
-    args = ["run", "-d", "--pod", pod, *ULIMITS]
+    args = ["run", "-d", "--pod", pod]
     for volume in service.get("volumes", []):
         args += ["-v", f"{project}_{volume}"]
     for option in service.get("security_opt", []):
@@ -242,18 +236,7 @@ def test_docker_style_seccomp_fails_closed(image, tmp_path):
     gated = tmp_path / "docker-style.json"
     gated.write_text(json.dumps(profile))
     name, port = f"chrootwsgi-test-gated-{os.getpid()}", free_port()
-    podman(
-        "run",
-        "-d",
-        "--name",
-        name,
-        *ULIMITS,
-        "--security-opt",
-        f"seccomp={gated}",
-        "-p",
-        f"127.0.0.1:{port}:8080",
-        image,
-    )
+    start_demo_container(name, port, f"seccomp={gated}")
     try:
         page = wait_for_page(f"http://127.0.0.1:{port}/", [name])
         assert page.status_code == 503
