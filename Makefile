@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_PACKAGES := apache2 apache2-dev python3.11 python3.11-dev python3.11-venv libpython3.11 \
 	build-essential ca-certificates tzdata
 
-.PHONY: venv install test lint fmt bench demo demo-stop system-packages clean
+.PHONY: venv install test test-docker lint fmt bench demo demo-stop system-packages clean
 
 # Debian's python3.11 has a shared libpython, which mod_wsgi needs; pyenv builds usually do not.
 $(BIN)/python:
@@ -32,7 +32,11 @@ $(INSTALLED): pyproject.toml | venv
 	touch $@
 
 test: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not docker" $(PYTEST_ARGS)
+
+# Builds docker/Dockerfile with podman and runs the stack (minutes on a cold cache).
+test-docker: install
+	$(BIN)/pytest -m docker $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
