@@ -50,5 +50,7 @@ def test_security_exposure_is_ok(unit):
     )
     assert match is not None, result.stdout + result.stderr
     assert float(match[1]) <= 3.0 and match[2] == "OK", match[0]
+    readme = (UNIT.parents[1] / "README.md").read_text()
+    assert match[0] in readme, f"README.md should quote the current score: {match[0]}"
     for setting in ("ProtectSystem=", "PrivateTmp=", "PrivateDevices=", "NoNewPrivileges="):
         assert re.search(rf"✓ {re.escape(setting)}\s", result.stdout), setting
