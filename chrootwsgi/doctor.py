@@ -27,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import grp
 import json
 import os
@@ -128,6 +129,11 @@ def diagnose(
             imports += 1
         else:
             findings.setdefault((finding.what, finding.detail), finding)
+    if any(f.what == "helper" and f.status != OK for f in system):
+        for key, finding in findings.items():
+            if finding.what == "exec":
+                fix = finding.fix + " (the helper does not run here yet: see below)"
+                findings[key] = dataclasses.replace(finding, fix=fix)
     return Report(
         app=config.app,
         responses=tuple(str(line) for line in probe["responses"]),
