@@ -5,8 +5,13 @@ PYTHON ?= /usr/bin/python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+PORT ?= 8080
+INSTALLED := $(VENV)/.installed
+# What `make demo` needs from Debian on a fresh machine (and the build of mod_wsgi by pip).
+DEMO_PACKAGES := apache2 apache2-dev python3.11 python3.11-dev python3.11-venv libpython3.11 \
+	build-essential ca-certificates tzdata
 
-.PHONY: venv install test lint fmt bench demo clean
+.PHONY: venv install test test-docker lint fmt bench demo demo-stop system-packages clean
 
 # Debian's python3.11 has a shared libpython, which mod_wsgi needs; pyenv builds usually do not.
 $(BIN)/python:
@@ -19,9 +24,19 @@ venv: $(BIN)/python
 # importer all see chroot_helper (which lives in helper/) as ordinary files.
 install: venv
 	$(BIN)/pip install -q -e '.[test,lint]' --config-settings editable_mode=strict
+	touch $(INSTALLED)
+
+# The same, once: rebuilt only when pyproject.toml changes (`make demo` twice reinstalls nothing).
+$(INSTALLED): pyproject.toml | venv
+	$(MAKE) install
+	touch $@
 
 test: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -m "not docker" $(PYTEST_ARGS)
+
+# Builds docker/Dockerfile with podman and runs the stack (minutes on a cold cache).
+test-docker: install
+	$(BIN)/pytest -m docker $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -32,8 +47,24 @@ fmt: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-demo: install
-	$(BIN)/python apache/demo/run.py $(DEMO_ARGS)
+# Installs the Debian packages that are missing (needs root), nothing when all are there.
+system-packages:
+	@missing=$$(for p in $(DEMO_PACKAGES); do \
+		dpkg-query -W -f='$${db:Status-Abbrev}' $$p 2>/dev/null | grep -q '^ii' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Apache + mod_wsgi serving the demo app from an empty jail on 127.0.0.1:$(PORT), in the
+# background; `make demo-stop` stops it.
+demo: system-packages $(INSTALLED)
+	$(BIN)/python apache/demo/run.py start --port $(PORT)
+
+demo-stop:
+	$(BIN)/python apache/demo/run.py stop
 
 bench: install
 	$(BIN)/python bench/jail_overhead.py

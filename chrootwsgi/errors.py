@@ -4,6 +4,7 @@
 
     ChrootWSGIError
     ├── ConfigError      a setting is invalid (raised when the config is loaded, never mid-request)
+    │   └── UnsafeJailError  `jail init` refuses a jail directory; each problem with its fix
     ├── PreloadError     something the jail needs could not be loaded before entry
     └── EntryError       entering the jail failed; the process must not serve (fail closed)
         └── VerifyError  the jail was entered but a post-entry check failed
@@ -32,3 +33,14 @@ class EntryError(ChrootWSGIError):
 
 class VerifyError(EntryError):
     """The jail was entered, but a check afterwards showed it does not hold."""
+
+
+class UnsafeJailError(ConfigError):
+    """``chrootwsgi jail init`` found a jail directory it will not use; ``problems`` lists them.
+
+    :param problems: ``(path, what is wrong, the command that fixes it)`` for each problem.
+    """
+
+    def __init__(self, problems: list[tuple[str, str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{path}: {what} (fix: {fix})" for path, what, fix in problems))

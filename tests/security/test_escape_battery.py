@@ -113,9 +113,9 @@ def test_battery_covers_every_attempt(battery):
     assert sorted(results) == sorted(ATTEMPTS)
 
 
-def test_readme_says_what_a_chroot_does_not_block():
+def test_readme_says_what_the_jail_does_not_protect_against():
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "README.md")) as file:
         readme = file.read()
-    section = readme.split("## What a chroot does not block", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("## Security model and limits", 1)[1].split("\n## ", 1)[0]
     for limit in ("network", "abstract Unix sockets", "kernel"):
         assert limit in section, limit
