@@ -28,6 +28,7 @@ _TYPES = {
     "Mode": '"auto", "rootless" or "privileged"',
     "bool": "true / false",
     "tuple[str, ...]": "list of strings",
+    "bool | tuple[str, ...]": "true / false, or a list of strings",
     "Mapping[str, str]": "table of strings",
     "tuple[Exposure, ...]": 'tables {host, jail, writable} or "HOST[:JAIL[:ro|rw]]" strings',
 }
