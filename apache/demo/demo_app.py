@@ -79,6 +79,8 @@ def _helper_exec() -> str:
 
 def _helper_mail() -> str:
     client = _helper_client()
+    if not hasattr(client, "sendmail"):
+        raise NotConfigured("this chroot-helper has no mail service")
     client.sendmail(  # type: ignore[attr-defined]
         "demo@localhost",
         ["root@localhost"],

@@ -6,8 +6,8 @@ background:
 
 1. ``chrootwsgi jail init`` creates the EMPTY jail directory;
 2. the site's jail config (``chrootwsgi-demo.toml``) names the demo app and the jail;
-3. the helper: its DNS stub (``python -m chroot_helper.services.dns``); exec and mail show as
-   "not configured" until the demo starts ``chroot-helper serve`` with them;
+3. the helper, ``chroot-helper serve``, with its socket in the jail: exec (``uname``) and its DNS
+   stub; mail shows as "not configured" until the helper has a mail service;
 4. ``chrootwsgi apache-config`` writes the site snippet; Apache (``apache2 -k start``) serves
    it on 127.0.0.1:PORT with a mod_wsgi daemon running as www-data;
 5. the page is fetched once and summarised; the URL and how to stop are printed.
@@ -137,17 +137,24 @@ def start(state: Path, port: int, dns: str) -> int:
 
 
 def start_helper(state: Path, dns: str) -> str:
-    """Start what exists of the helper; say what runs and what is not configured."""
+    """Start ``chroot-helper serve`` with its socket in the jail; say what it serves."""
     config = state / "helper.toml"
+    socket = state / "jail" / "run" / "chroot-helper.sock"
     config.write_text(
-        f'[dns]\nlisten = "{dns}:53"\nhosts_file = "{HERE / "dns-hosts"}"\n'
+        "[helper]\n"
+        f'socket = "{socket}"\n'  # the jailed app reaches it at /run/chroot-helper.sock
+        'socket_mode = "0666"\n'
+        "allow_uids = [33]\n\n"
+        "[exec.uname]\n"
+        'argv = ["/bin/uname"]\n'
+        'args = ["-[a-z]+"]\n'
+        'user = "nobody"\n\n'
+        "[dns]\n"
+        f'listen = "{dns}:53"\nhosts_file = "{HERE / "dns-hosts"}"\n'
         "upstream_timeout = 0.5\ntimeout = 1.0\n"
     )
-    # Extension point: once `chroot-helper serve` ships exec and mail, start it here with their
-    # tables in helper.toml, and expose its socket in the jail config as /run/chroot-helper.sock;
-    # the page then shows them working. Until then its DNS stub runs alone.
-    command = [sys.executable, "-m", "chroot_helper.services.dns", "--config", str(config)]
-    what = "DNS stub only (exec and mail: not configured)"
+    command = [str(BIN / "chroot-helper"), "serve", "--config", str(config)]
+    what = f"exec (uname) and DNS on {dns}:53; socket {socket}"
     log = open(state / "helper.log", "wb")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -156,11 +163,11 @@ def start_helper(state: Path, dns: str) -> str:
     (state / "helper.pid").write_text(f"{process.pid}\n")
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
-        text = (state / "helper.log").read_text(errors="replace")
-        if "ready on" in text:
-            return f"{what}; DNS on {dns}:53"
+        if socket.exists() and "serving" in (state / "helper.log").read_text(errors="replace"):
+            return what
         if process.poll() is not None:
-            return f"not running: {command[-3]} exited with {process.returncode}: {text.strip()}"
+            text = (state / "helper.log").read_text(errors="replace")
+            return f"not running: chroot-helper exited with {process.returncode}: {text.strip()}"
         time.sleep(0.1)
     return f"not ready within {READY_TIMEOUT} s: see {state / 'helper.log'}"
 
@@ -271,6 +278,13 @@ def stop(state: Path, *, quiet: bool = False) -> int:
     if failed:
         return EXIT_FAILED
     jail = state / "jail"
+    helper_run = jail / "run"  # the helper's socket directory, left after it stopped
+    if helper_run.is_dir() and not helper_run.is_symlink():
+        for entry in helper_run.iterdir():
+            if entry.name == "chroot-helper.sock" and entry.is_socket():
+                entry.unlink()
+        if not any(helper_run.iterdir()):
+            helper_run.rmdir()
     if jail.exists() and os.listdir(jail):
         print(f"{jail} is not empty: {os.listdir(jail)}; left in place", file=sys.stderr)
         return EXIT_FAILED
