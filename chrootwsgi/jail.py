@@ -268,13 +268,20 @@ def _unshare(flags: int, what: str) -> None:
                 f"unshare of {what} failed (EINVAL): the process has more than one thread; "
                 "enter the jail before threads start"
             ) from None
+        if exc.errno == errno.ENOSYS:
+            raise EntryError(
+                f"unshare of {what} was refused (ENOSYS): a seccomp filter blocks it, as container "
+                "runtimes' default profiles do; run the container with docker/seccomp.json "
+                "(podman's default profile allows it)"
+            ) from None
         if exc.errno in (errno.EPERM, errno.ENOSPC, errno.EACCES):
             raise EntryError(
                 f"unshare of {what} was refused ({errno.errorcode[exc.errno]}): unprivileged "
                 "user namespaces are disabled here. Enable them (sysctl "
                 "kernel.unprivileged_userns_clone=1 on Debian, user.max_user_namespaces > 0, "
-                "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu), or run the worker as "
-                'root with mode = "privileged" and user = "www-data"'
+                "kernel.apparmor_restrict_unprivileged_userns=0 on Ubuntu; in a container, a "
+                "seccomp profile that allows unshare, such as docker/seccomp.json), or run the "
+                'worker as root with mode = "privileged" and user = "www-data"'
             ) from None
         raise EntryError(f"unshare of {what} failed: {exc}") from None
 

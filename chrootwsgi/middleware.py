@@ -86,15 +86,7 @@ class ChrootMiddleware:
         if self.error is None:
             self.error = f"pid {os.getpid()} never entered its jail"
         self._log_failure()
-        start_response(
-            "503 Service Unavailable",
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(_UNAVAILABLE_BODY))),
-                ("Retry-After", "60"),
-            ],
-        )
-        return [_UNAVAILABLE_BODY]
+        return respond_unavailable(start_response, _UNAVAILABLE_BODY)
 
     def _log_failure(self) -> None:
         if not self._error_logged:
@@ -102,6 +94,19 @@ class ChrootMiddleware:
             log.error(
                 "pid %d: not jailed, answering 503 to every request: %s", os.getpid(), self.error
             )
+
+
+def respond_unavailable(start_response: StartResponse, body: bytes) -> Iterable[bytes]:
+    """Answer ``503 Service Unavailable`` with a short plain-text *body* (fail closed)."""
+    start_response(
+        "503 Service Unavailable",
+        [
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Retry-After", "60"),
+        ],
+    )
+    return [body]
 
 
 def _mapper(config: JailConfig, same_paths: Iterable[str]) -> PathMapper:

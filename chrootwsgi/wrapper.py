@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, cast
 
 from .config import CONFIG_ENV, load_config
 from .errors import ChrootWSGIError, ConfigError
-from .middleware import ChrootMiddleware
+from .middleware import ChrootMiddleware, respond_unavailable
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -154,15 +154,7 @@ class Unavailable:
         log.error("pid %d: not serving, answering 503 to every request: %s", os.getpid(), reason)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        start_response(
-            "503 Service Unavailable",
-            [
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(_UNAVAILABLE_BODY))),
-                ("Retry-After", "60"),
-            ],
-        )
-        return [_UNAVAILABLE_BODY]
+        return respond_unavailable(start_response, _UNAVAILABLE_BODY)
 
 
 def _mod_wsgi_process_group() -> str | None:
