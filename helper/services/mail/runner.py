@@ -220,7 +220,7 @@ class QueueRunner:
                 deferred.append(result)
                 self.counters.deferred += 1
             log.info(
-                "%s: to=<%s>, relay=%s, delay=%.2f, delays=%.2f, tries=%d, dsn=%s, status=%s (%s)",
+                "%s: to=<%s>, relay=%s, delay=%.2f, attempt=%.2f, tries=%d, dsn=%s, status=%s (%s)",
                 queue_id,
                 result.recipient,
                 relay,

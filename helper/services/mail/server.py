@@ -128,10 +128,11 @@ class SubmissionHandler:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
-    def _reject(self, server: SMTP, reply: str, what: str) -> str:
+    def _reject(self, server: SMTP, reply: str, command: str, address: str | None) -> str:
         self.service.counters.rejected += 1
+        client = cast(_Submission, server).client
         log.warning(
-            "%s: reject: %s: %s", cast(_Submission, server).client, _sanitize(what, 300), reply
+            "%s: reject: %s <%s>: %s", client, command, _sanitize(address or "", 300), reply
         )
         return reply
 
@@ -146,12 +147,12 @@ class SubmissionHandler:
         config = self.service.config
         smtputf8 = "SMTPUTF8" in mail_options
         if not self.service.limiter.allow(cast(_Submission, server).rate_key):
-            return self._reject(server, REPLY_RATE_LIMIT, f"MAIL FROM:<{address}>")
+            return self._reject(server, REPLY_RATE_LIMIT, "MAIL FROM", address)
         reply = check_address(address, smtputf8=smtputf8)
         if reply is None and not config.sender_allowed(address):
             reply = REPLY_SENDER_DENIED
         if reply is not None:
-            return self._reject(server, reply, f"MAIL FROM:<{address}>")
+            return self._reject(server, reply, "MAIL FROM", address)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
@@ -165,10 +166,10 @@ class SubmissionHandler:
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.service.config.max_recipients:
-            return self._reject(server, REPLY_TOO_MANY_RECIPIENTS, f"RCPT TO:<{address}>")
+            return self._reject(server, REPLY_TOO_MANY_RECIPIENTS, "RCPT TO", address)
         reply = check_address(address, smtputf8=envelope.smtp_utf8)
         if reply is not None:
-            return self._reject(server, reply, f"RCPT TO:<{address}>")
+            return self._reject(server, reply, "RCPT TO", address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -178,7 +179,7 @@ class SubmissionHandler:
         data = envelope.original_content or b""
         reply = check_headers(data)
         if reply is not None:
-            return self._reject(server, reply, f"DATA from=<{envelope.mail_from}>")
+            return self._reject(server, reply, "DATA from", envelope.mail_from)
         assert envelope.mail_from is not None
         try:
             queue_id = await self.service.commit(
