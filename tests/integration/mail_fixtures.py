@@ -295,7 +295,8 @@ def _sink_main(argv: list[str]) -> int:
 
         async def handle_DATA(self, server, session, envelope):
             name = f"{os.getpid()}-{next(counter):06d}.eml"
-            head = json.dumps({"from": envelope.mail_from, "to": envelope.rcpt_tos}).encode()
+            sender = "" if envelope.mail_from == "<>" else envelope.mail_from  # null sender
+            head = json.dumps({"from": sender, "to": envelope.rcpt_tos}).encode()
             tmp = directory / f".{name}"
             tmp.write_bytes(head + b"\n" + envelope.original_content)
             tmp.rename(directory / name)
