@@ -142,7 +142,7 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                     f"sendmail: mode {arg} is not supported; only -bm (send mail). "
                     "Use 'chroot-helper mailq' to list the queue."
                 )
-        elif flag == "-o" or arg in ("-U", "-n", "-m", "-s", "-x"):
+        elif flag == "-o" or arg in ("-U", "-n", "-m", "-s"):
             continue  # sendmail options that make no difference here (-oem, -odb, -oQ...)
         else:
             raise UsageError(f"sendmail: unknown option {arg}\n{USAGE}")
@@ -192,12 +192,6 @@ def build_submission(args: SendmailArgs, raw: bytes) -> Submission:
     data = normalize_eols(raw)
     if args.full_name is not None and any(c in args.full_name for c in "\r\n\0"):
         raise DataError("sendmail: -F name contains CR, LF or NUL (header injection?)")
-    sender = args.sender
-    if sender is None:
-        found = header_addresses(data, ("from",))
-        if not found:
-            raise DataError("sendmail: no sender; pass -f ADDR or give the message a From: header")
-        sender = found[0]
     recipients = list(args.recipients)
     if args.extract:
         recipients.extend(header_addresses(data, ("to", "cc", "bcc")))
@@ -206,10 +200,19 @@ def build_submission(args: SendmailArgs, raw: bytes) -> Submission:
         raise UsageError(f"sendmail: no recipients given (pass them, or -t)\n{USAGE}")
     if not recipients:
         raise DataError("sendmail: -t found no addresses in To:, Cc: or Bcc:")
-    for address in (sender, *recipients):
+    for address in recipients:
         problem = bad_envelope_address(address)
         if problem is not None:
             raise DataError(f"sendmail: {problem}")
+    sender = args.sender
+    if sender is None:
+        found = header_addresses(data, ("from",))
+        if not found:
+            raise DataError("sendmail: no sender; pass -f ADDR or give the message a From: header")
+        sender = found[0]
+    problem = bad_envelope_address(sender)
+    if problem is not None:
+        raise DataError(f"sendmail: {problem}")
     if header_value(data, "from") is None:
         header, rest = split_header(data)
         data = _from_header(args.full_name, sender) + header + (rest or b"\r\n")
