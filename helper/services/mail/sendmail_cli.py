@@ -43,6 +43,7 @@ from .message import (
 )
 
 __all__ = [
+    "DataError",
     "SendmailArgs",
     "Submission",
     "UsageError",

@@ -38,6 +38,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ...errors import MailListenError, SpoolError, SubmitError
+from .client import exit_code_for
 from .config import MailConfig, TcpAddress, UnixAddress
 from .delivery import make_transport
 from .policy import (
@@ -49,6 +50,15 @@ from .policy import (
     check_headers,
 )
 from .runner import QueueRunner
+from .sendmail_cli import (
+    EX_DATAERR,
+    EX_TEMPFAIL,
+    EX_USAGE,
+    DataError,
+    UsageError,
+    build_submission,
+)
+from .sendmail_cli import parse_args as parse_sendmail_args
 from .spool import DirectorySync, Envelope, Spool, new_queue_id
 from .stats import Counters, MailStats, format_stats
 
@@ -339,6 +349,37 @@ class MailService:
             eightbit=any(b > 127 for b in data),
         )
 
+    async def sendmail(
+        self, argv: Sequence[str], stdin: bytes, *, client: str = "shim"
+    ) -> tuple[int, str]:
+        """Run a jailed ``/usr/sbin/sendmail ARGV`` in-process (the exec shim's path, no fork).
+
+        :param argv: the arguments after the program name.
+        :param stdin: everything the caller wrote to its standard input.
+        :returns: the sysexits code and the text for its stderr (``""`` on success).
+        """
+        try:
+            args = parse_sendmail_args(argv)
+            raw = stdin if args.ignore_dots else _until_dot(stdin)
+            submission = build_submission(args, raw)
+        except UsageError as exc:
+            return EX_USAGE, f"{exc}\n"
+        except DataError as exc:
+            return EX_DATAERR, f"{exc}\n"
+        try:
+            queue_id = await self.submit(
+                sender=submission.sender,
+                recipients=submission.recipients,
+                data=submission.data,
+                client=client,
+            )
+        except SubmitError as exc:
+            return exit_code_for(exc.code, str(exc)[4:]), f"sendmail: {exc}\n"
+        except (OSError, SpoolError) as exc:
+            log.error("%s: cannot queue a message: %s", client, exc)
+            return EX_TEMPFAIL, "sendmail: 451 4.3.0 queue file write error; try again later\n"
+        return 0, f"sendmail: queued as {queue_id}\n" if args.verbose else ""
+
     def _factory(self) -> asyncio.Protocol:
         if len(self.connections) >= self.config.max_connections or self._closed:
             log.warning(
@@ -405,6 +446,15 @@ class MailService:
         # Let transports run their connection_lost callbacks before the loop goes away.
         for _ in range(3):
             await asyncio.sleep(0)
+
+
+def _until_dot(data: bytes) -> bytes:
+    """``data`` up to a line holding a single ``.`` (sendmail without ``-i``)."""
+    lines = data.splitlines(keepends=True)
+    for index, line in enumerate(lines):
+        if line.rstrip(b"\r\n") == b".":
+            return b"".join(lines[:index])
+    return data
 
 
 def _bind(address: TcpAddress | UnixAddress, config: MailConfig) -> socket.socket:
