@@ -69,14 +69,22 @@ def header_value(data: bytes, name: str) -> str | None:
 
 
 def header_addresses(data: bytes, names: Iterable[str]) -> list[str]:
-    """Addresses in every field named in ``names`` (``To``, ``Cc``, ``Bcc``), in order."""
+    """Addresses in every field named in ``names`` (``To``, ``Cc``, ``Bcc``), in order.
+
+    :raises ValueError: a field has a value but no address can be parsed from it (rather than
+        silently leaving its recipients out).
+    """
     wanted = {n.lower() for n in names}
     header, _rest = split_header(data)
-    values = []
+    addresses = []
     for field, raw in _fields(header):
         if field in wanted and b":" in raw:
-            values.append(" ".join(raw.split(b":", 1)[1].decode("utf-8", "replace").split()))
-    return [addr for _name, addr in email.utils.getaddresses(values) if addr]
+            value = " ".join(raw.split(b":", 1)[1].decode("utf-8", "replace").split())
+            found = [addr for _name, addr in email.utils.getaddresses([value]) if addr]
+            if value.strip(" ,;") and not found:
+                raise ValueError(f"cannot parse the addresses in {field.title()}: {value!r}")
+            addresses.extend(found)
+    return addresses
 
 
 def strip_headers(data: bytes, names: Iterable[str]) -> bytes:

@@ -195,7 +195,10 @@ def build_submission(args: SendmailArgs, raw: bytes) -> Submission:
         raise DataError("sendmail: -F name contains CR, LF or NUL (header injection?)")
     recipients = list(args.recipients)
     if args.extract:
-        recipients.extend(header_addresses(data, ("to", "cc", "bcc")))
+        try:
+            recipients.extend(header_addresses(data, ("to", "cc", "bcc")))
+        except ValueError as exc:
+            raise DataError(f"sendmail: -t: {exc}") from None
         data = strip_headers(data, ("bcc",))
     elif not recipients:
         raise UsageError(f"sendmail: no recipients given (pass them, or -t)\n{USAGE}")
@@ -207,7 +210,10 @@ def build_submission(args: SendmailArgs, raw: bytes) -> Submission:
             raise DataError(f"sendmail: {problem}")
     sender = args.sender
     if sender is None:
-        found = header_addresses(data, ("from",))
+        try:
+            found = header_addresses(data, ("from",))
+        except ValueError as exc:
+            raise DataError(f"sendmail: {exc}; pass -f ADDR") from None
         if not found:
             raise DataError("sendmail: no sender; pass -f ADDR or give the message a From: header")
         sender = found[0]
