@@ -107,21 +107,22 @@ class QueueRunner:
         """Schedule everything already queued (after a restart: now) and start the loop."""
         ids = await asyncio.to_thread(lambda: list(self.spool.ids()))
         for queue_id in ids:
-            self.schedule[queue_id] = 0.0
+            self.enqueue(queue_id)
         if ids:
             log.info("queue runner: %d message(s) in the queue at start", len(ids))
+        if self.transport is None:
+            log.warning("queue runner: no relay configured (mail.relay): messages stay queued")
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def enqueue(self, queue_id: str) -> None:
-        """A message was just committed: try it now."""
-        self.schedule[queue_id] = 0.0
+        """A message was just committed: try it now (or hold it when there is no relay)."""
+        self.schedule[queue_id] = 0.0 if self.transport is not None else float("inf")
         self._wake.set()
 
     def flush(self) -> int:
         """Retry every deferred message now; returns how many were scheduled."""
         for queue_id in self.schedule:
-            self.schedule[queue_id] = 0.0
-        self._wake.set()
+            self.enqueue(queue_id)
         return len(self.schedule)
 
     def backoff(self, attempts: int) -> float:
@@ -144,7 +145,7 @@ class QueueRunner:
                 task = asyncio.get_running_loop().create_task(self._attempt(queue_id))
                 self.active[queue_id] = task
                 task.add_done_callback(functools.partial(self._finished, queue_id))
-            waiting = [t for q, t in self.schedule.items() if q not in self.active]
+            waiting = [t for q, t in self.schedule.items() if q not in self.active and t < 1e300]
             timeout = self.config.flush_check
             if waiting and len(self.active) < self.config.concurrency:
                 timeout = min(timeout, max(min(waiting) - now, 0.0))
@@ -157,7 +158,8 @@ class QueueRunner:
         """Pick up queue files this process does not know (an operator moved some back)."""
         ids = await asyncio.to_thread(lambda: list(self.spool.ids()))
         for queue_id in ids:
-            self.schedule.setdefault(queue_id, 0.0)
+            if queue_id not in self.schedule:
+                self.enqueue(queue_id)
 
     def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
         self.active.pop(queue_id, None)
@@ -186,19 +188,9 @@ class QueueRunner:
             await self._remove(queue_id)
             return
         if self.transport is None:
-            results = [
-                RecipientResult(
-                    recipient=r,
-                    ok=False,
-                    reply="no relay configured (set mail.relay); message stays queued",
-                    dsn="4.3.5",
-                )
-                for r in pending
-            ]
-            relay = "none"
-        else:
-            results = await self.transport.deliver(envelope, pending, data)
-            relay = self.transport.description
+            return  # held: no relay configured
+        results = await self.transport.deliver(envelope, pending, data)
+        relay = self.transport.description
         self.counters.attempts += 1
         state.attempts += 1
         now = time.time()
