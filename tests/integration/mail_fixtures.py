@@ -297,7 +297,7 @@ def _sink_main(argv: list[str]) -> int:
             name = f"{os.getpid()}-{next(counter):06d}.eml"
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from  # null sender
             head = json.dumps({"from": sender, "to": envelope.rcpt_tos}).encode()
-            tmp = directory / f".{name}"
+            tmp = directory / f"{name}.tmp"
             tmp.write_bytes(head + b"\n" + envelope.original_content)
             tmp.rename(directory / name)
             return "250 OK stored"

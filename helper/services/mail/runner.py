@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -32,6 +33,9 @@ from .stats import Counters
 __all__ = ["QueueRunner", "make_bounce"]
 
 log = logging.getLogger(__name__)
+
+HELD = float("inf")
+"""Schedule time of messages that are not tried (no relay configured)."""
 
 CLOSE_GRACE = 10.0
 """Seconds :meth:`QueueRunner.close` lets deliveries in flight finish before cancelling them."""
@@ -98,6 +102,7 @@ class QueueRunner:
         self.transport = transport
         self.counters = counters
         self.schedule: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []  # (when, id); entries not in schedule are stale
         self.active: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -116,12 +121,19 @@ class QueueRunner:
 
     def enqueue(self, queue_id: str) -> None:
         """A message was just committed: try it now (or hold it when there is no relay)."""
-        self.schedule[queue_id] = 0.0 if self.transport is not None else float("inf")
-        self._wake.set()
+        if self.transport is None:
+            self.schedule[queue_id] = HELD
+        else:
+            self._set(queue_id, 0.0)
+            self._wake.set()
+
+    def _set(self, queue_id: str, when: float) -> None:
+        self.schedule[queue_id] = when
+        heapq.heappush(self._heap, (when, queue_id))
 
     def flush(self) -> int:
         """Retry every deferred message now; returns how many were scheduled."""
-        for queue_id in self.schedule:
+        for queue_id in list(self.schedule):
             self.enqueue(queue_id)
         return len(self.schedule)
 
@@ -139,16 +151,21 @@ class QueueRunner:
                 if self.spool.take_flush_request():
                     log.info("queue runner: flush requested; retrying %d message(s)", self.flush())
                     await self._adopt_new_files()
-            free = self.config.concurrency - len(self.active)
-            due = sorted(q for q, t in self.schedule.items() if t <= now and q not in self.active)
-            for queue_id in due[: max(free, 0)]:
+            heap = self._heap
+            while heap and len(self.active) < self.config.concurrency:
+                when, queue_id = heap[0]
+                if self.schedule.get(queue_id) != when or queue_id in self.active:
+                    heapq.heappop(heap)  # stale: rescheduled, finished, or being tried
+                    continue
+                if when > now:
+                    break
+                heapq.heappop(heap)
                 task = asyncio.get_running_loop().create_task(self._attempt(queue_id))
                 self.active[queue_id] = task
                 task.add_done_callback(functools.partial(self._finished, queue_id))
-            waiting = [t for q, t in self.schedule.items() if q not in self.active and t < 1e300]
             timeout = self.config.flush_check
-            if waiting and len(self.active) < self.config.concurrency:
-                timeout = min(timeout, max(min(waiting) - now, 0.0))
+            if heap and len(self.active) < self.config.concurrency:
+                timeout = min(timeout, max(heap[0][0] - now, 0.0))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(timeout, 0.01)):
@@ -177,7 +194,7 @@ class QueueRunner:
             self.schedule.pop(queue_id, None)
         except Exception:
             log.exception("%s: delivery attempt failed; retrying later", queue_id)
-            self.schedule[queue_id] = time.time() + self.config.retry_initial
+            self._set(queue_id, time.time() + self.config.retry_initial)
 
     async def _deliver(self, queue_id: str) -> None:
         envelope, data = await asyncio.to_thread(self.spool.read, queue_id)
@@ -232,7 +249,7 @@ class QueueRunner:
         state.next_attempt = now + self.backoff(state.attempts)
         await asyncio.to_thread(self.spool.save_state, queue_id, state)
         if queue_id in self.schedule:
-            self.schedule[queue_id] = state.next_attempt
+            self._set(queue_id, state.next_attempt)
 
     async def _remove(self, queue_id: str) -> None:
         await asyncio.to_thread(self.spool.remove, queue_id)
