@@ -58,7 +58,7 @@ def wait_port(port: int, what: str, timeout: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def helper_service(workdir: Path) -> Iterator[int]:
+def helper_service(workdir: Path, workers: int) -> Iterator[int]:
     port = free_port()
     config = workdir / "helper.toml"
     config.write_text(
@@ -67,6 +67,7 @@ def helper_service(workdir: Path) -> Iterator[int]:
         f'spool = "{workdir / "helper-spool"}"\n'
         'domain = "example.org"\n'
         "max_connections = 200\n"
+        f"workers = {workers}\n"
     )
     log = open(workdir / "helper.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
@@ -229,6 +230,12 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--latency-messages", type=int, default=100, help="per latency client")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per server")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="mail.workers of the helper (default: one per CPU; Postfix runs many smtpd)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark starts its own Postfix master")
@@ -240,7 +247,10 @@ def main() -> int:
     rates: dict[str, list[float]] = {"helper": [], "postfix": []}
     lats: dict[str, list[float]] = {"helper": [], "postfix": []}
     try:
-        with helper_service(work) as helper_port, postfix_instance(work) as postfix_port:
+        with (
+            helper_service(work, args.workers) as helper_port,
+            postfix_instance(work) as postfix_port,
+        ):
             ports = {"helper": helper_port, "postfix": postfix_port}
             for _round in range(args.rounds):
                 for name, port in ports.items():  # alternate so drift hits both alike
@@ -252,7 +262,8 @@ def main() -> int:
     p99_ratio = p99(lats["helper"]) / p99(lats["postfix"])
     print(
         f"mail submission, {args.sessions} sessions x {args.messages // args.sessions} "
-        f"messages of {SIZE // 1024} KB, durable queue, {args.rounds} rounds"
+        f"messages of {SIZE // 1024} KB, durable queue, {args.rounds} rounds, "
+        f"helper workers={args.workers}"
     )
     print(f"accepted messages/s, helper / postfix: {rate_ratio:.2f}x (goal >= 1.0x)")
     print(f"p99 submission latency, helper / postfix: {p99_ratio:.2f}x (lower is better)")

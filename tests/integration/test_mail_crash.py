@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import threading
 
 import pytest
@@ -38,12 +39,21 @@ def submitter(service, number: int, acked: list[str], errors: list[str]) -> None
         errors.append(f"{number}: {exc!r}")
 
 
-@pytest.mark.parametrize("relay_during_crash", ["up", "down"])
-def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during_crash):
+def port_closed(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(5)
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.mark.parametrize(
+    ("relay_during_crash", "workers"),
+    [("up", 1), ("down", 1), ("down", 2)],
+)
+def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during_crash, workers):
     with run_sink(tmp_path) as sink:
         # With the relay down every acknowledged message is still only in the spool at the kill.
         relay = sink.address if relay_during_crash == "up" else f"127.0.0.1:{free_port()}"
-        service = start_service(tmp_path, relay=f"smtp://{relay}")
+        service = start_service(tmp_path, relay=f"smtp://{relay}", workers=workers)
         acked: list[str] = []
         errors: list[str] = []
         try:
@@ -56,6 +66,8 @@ def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during
             wait_until(lambda: len(acked) >= KILL_AFTER, "submissions did not get going", 120)
             os.kill(service.proc.pid, signal.SIGKILL)
             service.proc.wait(timeout=30)
+            # Workers get SIGTERM when their parent dies: the port is free again.
+            wait_until(lambda: port_closed(service.port), "worker processes outlived the kill")
             for thread in threads:
                 thread.join(timeout=120)
             assert not any(thread.is_alive() for thread in threads)
@@ -65,7 +77,9 @@ def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during
         assert killed_at < CONNECTIONS * PER_CONNECTION, "the kill came after the last message"
         assert errors, "no client noticed the kill"
 
-        restarted = start_service(tmp_path, port=service.port, relay=f"smtp://{sink.address}")
+        restarted = start_service(
+            tmp_path, port=service.port, relay=f"smtp://{sink.address}", workers=workers
+        )
         try:
             wanted = set(acked)
 

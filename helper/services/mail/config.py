@@ -35,6 +35,7 @@ Every key and its default::
     bounce = true                      # tell the sender when a message is given up
     concurrency = 4                    # deliveries in parallel
     flush_check = 1.0                  # seconds between checks for a `flush` request
+    workers = 1                        # processes accepting submissions (standalone run only)
 """
 
 from __future__ import annotations
@@ -150,6 +151,9 @@ class MailConfig:
     :param max_size: bytes; announced with SIZE and enforced during DATA.
     :param rate_limit: messages per minute per peer; 0 disables.
     :param max_age: seconds after which an undeliverable message is given up (and bounced).
+    :param workers: processes sharing the listening sockets (``python -m
+        chroot_helper.services.mail`` forks them); all but the first only accept and spool, and
+        hand queue IDs to the first, which runs the queue.  The helper core runs one.
     """
 
     listen: tuple[ListenAddress, ...] = (TcpAddress(host="127.0.0.1", port=25),)
@@ -171,6 +175,7 @@ class MailConfig:
     bounce: bool = True
     concurrency: int = 4
     flush_check: float = 1.0
+    workers: int = 1
 
     def sender_allowed(self, address: str) -> bool:
         """True when ``address`` matches one of :attr:`allowed_senders`."""
@@ -386,6 +391,7 @@ _KNOWN = frozenset(
         "bounce",
         "concurrency",
         "flush_check",
+        "workers",
     }
 )
 
@@ -466,6 +472,7 @@ def parse_config(table: Mapping[str, object]) -> MailConfig:
         "max_connections": (1, 100000),
         "rate_limit": (0, 1000000),
         "concurrency": (1, 256),
+        "workers": (1, 64),
     }
     for name, (low, high) in ints.items():
         if name in table:

@@ -32,7 +32,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from aiosmtpd.smtp import SMTP, Session
@@ -63,7 +63,7 @@ from .sendmail_cli import parse_args as parse_sendmail_args
 from .spool import DirectorySync, Envelope, Spool, new_queue_id
 from .stats import Counters, MailStats, format_stats
 
-__all__ = ["MailService", "start"]
+__all__ = ["MailService", "bind_listeners", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ class MailService:
             config, self.spool, self.sync, make_transport(config), self.counters
         )
         self.connections: set[_Submission] = set()
+        self.on_commit: Callable[[str], None] | None = None
         # Writes wait on fsync, not on the CPU: one thread per concurrent submission lets the
         # file system batch their journal commits (as Postfix's parallel cleanup processes do).
         self._writers = concurrent.futures.ThreadPoolExecutor(
@@ -314,7 +315,10 @@ class MailService:
             len(message),
             len(recipients),
         )
-        self.runner.enqueue(queue_id)
+        if self.on_commit is not None:
+            self.on_commit(queue_id)
+        else:
+            self.runner.enqueue(queue_id)
         return queue_id
 
     async def submit(
@@ -408,17 +412,22 @@ class MailService:
             loop=asyncio.get_running_loop(),
         )
 
-    async def _open(self) -> None:
+    async def _open(self, sockets: Sequence[socket.socket] | None, run_queue: bool) -> None:
         loop = asyncio.get_running_loop()
-        queued = await asyncio.to_thread(self.spool.open)
-        if queued:
-            log.info("spool %s: %d message(s) waiting", self.config.spool, queued)
+        if sockets is None:
+            queued = await asyncio.to_thread(self.spool.open)
+            if queued:
+                log.info("spool %s: %d message(s) waiting", self.config.spool, queued)
         try:
-            for address in self.config.listen:
-                sock = _bind(address, self.config)
-                try:
+            for index, address in enumerate(self.config.listen):
+                if sockets is None:
+                    sock = _bind(address, self.config)
                     if isinstance(address, UnixAddress):
                         self._unix_paths.append(str(address.path))
+                else:
+                    sock = sockets[index]
+                try:
+                    if sock.family == socket.AF_UNIX:
                         server = await loop.create_unix_server(self._factory, sock=sock)
                     else:
                         server = await loop.create_server(self._factory, sock=sock, backlog=256)
@@ -429,7 +438,8 @@ class MailService:
         except BaseException:
             await self._close_servers()
             raise
-        await self.runner.start()
+        if run_queue:
+            await self.runner.start()
 
     async def _close_servers(self) -> None:
         for server in self._servers:
@@ -511,14 +521,41 @@ def _bind(address: TcpAddress | UnixAddress, config: MailConfig) -> socket.socke
     return sock
 
 
-async def start(config: MailConfig) -> MailService:
+def bind_listeners(config: MailConfig) -> list[socket.socket]:
+    """Bind every ``mail.listen`` address (for :func:`start` in several processes).
+
+    :raises MailListenError: an address cannot be bound; the message says what to change.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for address in config.listen:
+            sockets.append(_bind(address, config))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+async def start(
+    config: MailConfig,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+    on_commit: Callable[[str], None] | None = None,
+) -> MailService:
     """Open the spool, bind every ``mail.listen`` address, start the queue runner.
+
+    The keyword arguments serve the standalone runner's worker processes (``mail.workers``):
+    ``sockets`` are already bound (from :func:`bind_listeners`, one per ``listen`` entry, the
+    spool already opened by the parent) and ``on_commit``, if given, receives each committed
+    queue ID instead of a queue runner in this process (none is started).
 
     :raises MailListenError: an address cannot be bound; the message says what to change.
     :raises SpoolError: the spool directory cannot be used.
     """
     service = MailService(config)
-    await service._open()
+    service.on_commit = on_commit
+    await service._open(sockets, run_queue=on_commit is None)
     log.info(
         "mail service ready on %s, spool %s, relay %s",
         ", ".join(service.addresses),
