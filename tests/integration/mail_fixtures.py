@@ -89,6 +89,7 @@ class Received:
     sender: str
     recipients: list[str]
     data: bytes
+    auth: str | None = None
 
     def header(self, name: str) -> str | None:
         import email
@@ -117,7 +118,7 @@ class Sink:
             raw = path.read_bytes()
             head, _, data = raw.partition(b"\n")
             envelope = json.loads(head)
-            out.append(Received(envelope["from"], envelope["to"], data))
+            out.append(Received(envelope["from"], envelope["to"], data, envelope.get("auth")))
         return out
 
     def with_token(self, token: str) -> list[Received]:
@@ -143,7 +144,12 @@ class Sink:
 
 @contextlib.contextmanager
 def run_sink(
-    tmp_path: Path, *, port: int | None = None, label: str = "sink", reject_prefix: str = ""
+    tmp_path: Path,
+    *,
+    port: int | None = None,
+    label: str = "sink",
+    reject_prefix: str = "",
+    auth: str = "",
 ) -> Iterator[Sink]:
     """Start the sink on a free loopback port (or ``port``); stop it on exit."""
     port = port if port is not None else free_port()
@@ -153,6 +159,8 @@ def run_sink(
     argv = [sys.executable, str(HERE), "--listen", f"127.0.0.1:{port}", "--dir", str(directory)]
     if reject_prefix:
         argv += ["--reject-prefix", reject_prefix]
+    if auth:
+        argv += ["--auth", auth]
     with open(log, "ab") as sink_log:
         proc = subprocess.Popen(argv, stdout=sink_log, stderr=subprocess.STDOUT)
     try:
@@ -275,12 +283,13 @@ def _sink_main(argv: list[str]) -> int:
     import asyncio
     import itertools
 
-    from aiosmtpd.smtp import SMTP
+    from aiosmtpd.smtp import SMTP, AuthResult
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--listen", required=True)
     parser.add_argument("--dir", required=True)
     parser.add_argument("--reject-prefix", default="")
+    parser.add_argument("--auth", default="", help="require AUTH with user:password")
     args = parser.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     directory = Path(args.dir)
@@ -296,7 +305,8 @@ def _sink_main(argv: list[str]) -> int:
         async def handle_DATA(self, server, session, envelope):
             name = f"{os.getpid()}-{next(counter):06d}.eml"
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from  # null sender
-            head = json.dumps({"from": sender, "to": envelope.rcpt_tos}).encode()
+            user = session.auth_data.login.decode() if session.auth_data else None
+            head = json.dumps({"from": sender, "to": envelope.rcpt_tos, "auth": user}).encode()
             tmp = directory / f"{name}.tmp"
             tmp.write_bytes(head + b"\n" + envelope.original_content)
             tmp.rename(directory / name)
@@ -304,8 +314,20 @@ def _sink_main(argv: list[str]) -> int:
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+
+        def authenticator(server, session, envelope, mechanism, auth_data):
+            given = f"{auth_data.login.decode()}:{auth_data.password.decode()}"
+            return AuthResult(success=given == args.auth, auth_data=auth_data)
+
+        options = {}
+        if args.auth:
+            options = {
+                "auth_required": True,
+                "auth_require_tls": False,
+                "authenticator": authenticator,
+            }
         server = await loop.create_server(
-            lambda: SMTP(Handler(), enable_SMTPUTF8=True, loop=loop), host, int(port)
+            lambda: SMTP(Handler(), enable_SMTPUTF8=True, loop=loop, **options), host, int(port)
         )
         print(f"sink ready on {host}:{port}", flush=True)
         stopped = asyncio.Event()

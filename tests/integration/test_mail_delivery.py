@@ -94,6 +94,28 @@ def test_permanent_rejection_of_one_recipient_bounces_to_sender(tmp_path):
         wait_until(lambda: service.mailq() == [], "the queue did not empty")
 
 
+def test_smarthost_auth_from_a_private_file_and_starttls_requirement(tmp_path):
+    auth = tmp_path / "relay-auth"
+    auth.write_text("mailer:s3cret\n")
+    auth.chmod(0o600)
+    with run_sink(tmp_path, auth="mailer:s3cret") as sink:
+        with run_service(
+            tmp_path, label="auth", relay=f"smtp://{sink.address}", relay_auth_file=str(auth)
+        ) as service:
+            submit(service, "with-auth")
+            assert sink.wait_token("with-auth")[0].auth == "mailer"
+        # The sink offers no STARTTLS: a relay that requires it keeps the message queued.
+        with run_service(
+            tmp_path, label="tls", relay=f"smtp://{sink.address}", relay_starttls=True
+        ) as service:
+            submit(service, "needs-tls")
+            rows = wait_until(
+                lambda: [r for r in service.mailq() if r["attempts"] >= 1], "no attempt was made"
+            )
+            assert "does not offer STARTTLS (mail.relay_starttls)" in rows[0]["last_error"]
+            assert sink.with_token("needs-tls") == []
+
+
 FAKE_SENDMAIL = """\
 #!{python}
 # A stand-in for /usr/sbin/sendmail: records argv and stdin, exits as told.

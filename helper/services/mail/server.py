@@ -68,6 +68,7 @@ __all__ = ["MailService", "bind_listeners", "start"]
 log = logging.getLogger(__name__)
 
 IDENT = "chroot-helper"
+READ_BUFFER = 64 * 1024
 SPOOL_WRITERS = 32
 """Threads writing and fsyncing queue files; more concurrent submissions wait for one."""
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections; try again later\r\n"
@@ -96,24 +97,25 @@ class _Submission(SMTP):
     def __init__(self, service: MailService, **kwargs: object) -> None:
         super().__init__(service.handler, **kwargs)  # type: ignore[arg-type]
         self.service = service
+        # aiosmtpd caps the stream buffer at one line (1001 bytes), so reading a message pauses
+        # and resumes the socket (epoll_ctl twice) for every few KB.  Buffer more; the line and
+        # command length limits are still enforced by aiosmtpd's own checks.
+        self._stream_reader._limit = READ_BUFFER  # type: ignore[attr-defined]
         self.client = "unknown"
         self.rate_key: object = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.service.connections.__contains__(self):
-            self.service.connections.add(self)
-            sock = transport.get_extra_info("socket")
-            peer = transport.get_extra_info("peername")
-            if sock is not None and sock.family == socket.AF_UNIX:
-                creds = sock.getsockopt(
-                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")
-                )
-                pid, uid, _gid = struct.unpack("3i", creds)
-                self.client = f"unix:uid={uid},pid={pid}"
-                self.rate_key = ("uid", uid)
-            elif isinstance(peer, tuple):
-                self.client = f"{peer[0]}:{peer[1]}"
-                self.rate_key = ("ip", peer[0])
+        self.service.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        peer = transport.get_extra_info("peername")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            self.client = f"unix:uid={uid},pid={pid}"
+            self.rate_key = ("uid", uid)
+        elif isinstance(peer, tuple):
+            self.client = f"{peer[0]}:{peer[1]}"
+            self.rate_key = ("ip", peer[0])
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
