@@ -197,14 +197,18 @@ class SubmissionHandler:
             return self._reject(server, reply, "DATA from", envelope.mail_from)
         assert envelope.mail_from is not None
         try:
-            queue_id = await self.service.commit(
-                sender=envelope.mail_from,
-                recipients=envelope.rcpt_tos,
-                data=data,
-                client=submission.client,
-                helo=session.host_name or "",
-                smtputf8=envelope.smtp_utf8,
-                eightbit="BODY=8BITMIME" in envelope.mail_options,
+            # Shielded: if the client hangs up now, the commit still finishes and the message
+            # is queued for delivery (it may have been durable already).
+            queue_id = await asyncio.shield(
+                self.service.commit(
+                    sender=envelope.mail_from,
+                    recipients=envelope.rcpt_tos,
+                    data=data,
+                    client=submission.client,
+                    helo=session.host_name or "",
+                    smtputf8=envelope.smtp_utf8,
+                    eightbit="BODY=8BITMIME" in envelope.mail_options,
+                )
             )
         except (OSError, SpoolError) as exc:
             log.error("%s: cannot queue a message: %s", submission.client, exc)
