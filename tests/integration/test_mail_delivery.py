@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+from chroot_helper.services.mail.spool import Envelope, Spool, new_queue_id
 from mail_fixtures import (
     DOMAIN,
     free_port,
@@ -66,6 +67,22 @@ def test_smarthost_down_then_back(tmp_path):
             wait_until(lambda: service.mailq() == [], "the queue did not empty after delivery")
         empty = service.cli("mailq", "--spool", str(service.spool)).stdout.decode()
         assert empty.strip() == "Mail queue is empty"
+
+
+def test_flush_picks_up_a_message_put_back_into_the_queue(tmp_path):
+    with run_sink(tmp_path) as sink, run_service(tmp_path, relay=f"smtp://{sink.address}") as svc:
+        spool = Spool(svc.spool)
+        envelope = Envelope(
+            id=new_queue_id(),
+            sender=f"app@{DOMAIN}",
+            recipients=("back@example.net",),
+            arrival=time.time(),
+        )
+        spool.write(envelope, simple_message("put-back"))  # as an operator restoring a file
+        spool.sync_queue()
+        assert svc.cli("flush", "--spool", str(svc.spool)).returncode == 0
+        assert sink.wait_token("put-back")[0].recipients == ["back@example.net"]
+        assert f"{envelope.id}: found in the queue directory; queued" in svc.log_text()
 
 
 def test_permanent_rejection_of_one_recipient_bounces_to_sender(tmp_path):

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 HELD = float("inf")
 """Schedule time of messages that are not tried (no relay configured)."""
 
+ADOPT_INTERVAL = 60.0
+"""Seconds between scans of ``queue/`` for files the runner does not know."""
+
 CLOSE_GRACE = 10.0
 """Seconds :meth:`QueueRunner.close` lets deliveries in flight finish before cancelling them."""
 
@@ -144,12 +147,16 @@ class QueueRunner:
 
     async def _run(self) -> None:
         next_flush_check = 0.0
+        next_adopt = time.monotonic() + ADOPT_INTERVAL
         while True:
             now = time.time()
             if time.monotonic() >= next_flush_check:
                 next_flush_check = time.monotonic() + self.config.flush_check
                 if self.spool.take_flush_request():
+                    await self._adopt_new_files()
                     log.info("queue runner: flush requested; retrying %d message(s)", self.flush())
+                elif time.monotonic() >= next_adopt:
+                    next_adopt = time.monotonic() + ADOPT_INTERVAL
                     await self._adopt_new_files()
             heap = self._heap
             while heap and len(self.active) < self.config.concurrency:
@@ -172,10 +179,12 @@ class QueueRunner:
                     await self._wake.wait()
 
     async def _adopt_new_files(self) -> None:
-        """Pick up queue files this process does not know (an operator moved some back)."""
+        """Pick up queue files this process does not know: put back by an operator, or
+        committed by a worker that could not tell us."""
         ids = await asyncio.to_thread(lambda: list(self.spool.ids()))
         for queue_id in ids:
             if queue_id not in self.schedule:
+                log.info("%s: found in the queue directory; queued", queue_id)
                 self.enqueue(queue_id)
 
     def _finished(self, queue_id: str, _task: asyncio.Task[None]) -> None:
