@@ -7,6 +7,10 @@
     ├── DnsError             the DNS service failed
     │   ├── ListenError          dns.listen could not be bound (raised at start)
     │   └── UpstreamError        no upstream gave a usable answer (the client gets SERVFAIL)
+    ├── MailError            the mail service failed
+    │   ├── MailListenError      a mail.listen address could not be bound (raised at start)
+    │   ├── SpoolError           the spool directory is unusable or a queue file is corrupt
+    │   └── SubmitError          a submission was refused or could not reach the service
     ├── ProtocolError        a frame broke the wire protocol
     │   ├── LocalProtocolError   we were about to send something invalid
     │   └── RemoteProtocolError  the peer sent something invalid
@@ -40,6 +44,32 @@ class ListenError(DnsError):
 
 class UpstreamError(DnsError):
     """An upstream timed out, refused, or sent an answer that does not match the question."""
+
+
+class MailError(HelperError):
+    """The mail service failed."""
+
+
+class MailListenError(MailError):
+    """A ``mail.listen`` address could not be bound; the message says what to change."""
+
+
+class SpoolError(MailError):
+    """The spool directory cannot be used, or a queue file in it is unreadable or corrupt."""
+
+
+class SubmitError(MailError):
+    """A message could not be submitted (refused by the service, or the service is unreachable).
+
+    :param code: the SMTP reply code (0 when the service was not reached).
+    :param text: the reply text or the connection error.
+    :param exit_code: the sysexits(3) code a sendmail(1) front end exits with.
+    """
+
+    def __init__(self, message: str, *, code: int = 0, exit_code: int = 75) -> None:
+        super().__init__(message)
+        self.code = code
+        self.exit_code = exit_code
 
 
 class ProtocolError(HelperError):
