@@ -20,7 +20,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from .errors import HelperError
@@ -61,6 +61,9 @@ def _serve(config_path: str, log_level: str) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if log_level.upper() != "DEBUG":
+        # aiosmtpd logs every SMTP command, addresses included, at INFO: keep it for DEBUG.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
     _ensure_std_fds()
     try:
         config = load_config(config_path)
@@ -136,8 +139,22 @@ def _dns_stats(config_path: str | None) -> int:
     return EXIT_OK
 
 
+_MAIL_COMMANDS = ("sendmail", "mailq", "flush")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``chroot-helper`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in _MAIL_COMMANDS:
+        # sendmail(1) flags (-t, -oi, -f ADDR, ...) do not fit argparse; each parses its own.
+        from .services import mail
+
+        run: dict[str, Callable[[list[str]], int]] = {
+            "sendmail": mail.sendmail_main,
+            "mailq": mail.mailq_main,
+            "flush": mail.flush_main,
+        }
+        return run[args[0]](args[1:])
     parser = argparse.ArgumentParser(prog="chroot-helper", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_serve = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -151,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p_exec.add_argument("name", help="configured command name or path")
     p_exec.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the command")
+    for name, text in (
+        ("sendmail", "submit a message like sendmail(1) (-t, -i, -f ADDR, -F NAME, ...)"),
+        ("mailq", "list the mail queue (--config FILE or --spool DIR)"),
+        ("flush", "retry every queued message now (--config FILE or --spool DIR)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     p_stats = sub.add_parser("dns-stats", help="print the DNS stub's counters")
     p_stats.add_argument(
         "--config", help="the helper's TOML file (for its socket); else $CHROOT_HELPER_SOCKET"

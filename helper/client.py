@@ -21,6 +21,9 @@ Example::
     with client.Popen(["cat"], stdin=client.PIPE, stdout=client.PIPE) as proc:
         out, _ = proc.communicate(b"hello")
 
+Mail: :func:`sendmail` (``chroot_helper.services.mail.client_sendmail``) submits a message to the
+helper's SMTP listener at ``$CHROOT_HELPER_SMTP`` (``host:port`` or ``unix:PATH``).
+
 Differences from :mod:`subprocess`: there is no shell, no ``env``/``cwd`` (the helper's config sets
 them), ``pid`` is None, and when the helper kills a command for passing ``max_output``,
 :func:`run` raises :class:`OutputLimitExceeded`.  :class:`Popen` pipes are the caller's own pipes,
@@ -58,6 +61,7 @@ from .protocol import (
     Started,
     State,
 )
+from .services.mail.client import client_sendmail as sendmail
 
 __all__ = [
     "PIPE",
@@ -69,6 +73,7 @@ __all__ = [
     "Popen",
     "run",
     "helper_address",
+    "sendmail",
 ]
 
 PIPE: Final = subprocess.PIPE

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 #: Answered by the helper's DNS stub from its hosts file only: not in the jail's /etc/hosts.
 DEMO_NAME = "demo.chrootwsgi.test"
 HELPER_SOCKET = os.environ.get("CHROOT_HELPER_SOCKET", "/run/chroot-helper.sock")
+SMTP_SOCKET = "/run/smtp.sock"
 
 
 class NotConfigured(Exception):
@@ -79,14 +80,14 @@ def _helper_exec() -> str:
 
 def _helper_mail() -> str:
     client = _helper_client()
-    if not hasattr(client, "sendmail"):
-        raise NotConfigured("this chroot-helper has no mail service")
-    client.sendmail(  # type: ignore[attr-defined]
-        "demo@localhost",
-        ["root@localhost"],
-        b"Subject: chrootwsgi demo\r\n\r\nsent from the jail\r\n",
+    if not os.path.exists(SMTP_SOCKET):
+        raise NotConfigured(f"no SMTP socket at {SMTP_SOCKET} in the jail")
+    queue_id = client.sendmail(  # type: ignore[attr-defined]
+        b"From: demo@localhost\r\nTo: root@localhost\r\nSubject: chrootwsgi demo\r\n\r\n"
+        b"sent from the jail\r\n",
+        address=f"unix:{SMTP_SOCKET}",
     )
-    return "sent to root@localhost: see chroot-helper mailq"
+    return f"queued as {queue_id} for root@localhost (held: see chroot-helper mailq)"
 
 
 def _read(path: str) -> str:

@@ -6,8 +6,8 @@ background:
 
 1. ``chrootwsgi jail init`` creates the EMPTY jail directory;
 2. the site's jail config (``chrootwsgi-demo.toml``) names the demo app and the jail;
-3. the helper, ``chroot-helper serve``, with its socket in the jail: exec (``uname``) and its DNS
-   stub; mail shows as "not configured" until the helper has a mail service;
+3. the helper, ``chroot-helper serve``, with its sockets in the jail: exec (``uname``), mail (held
+   in the spool, shown by ``chroot-helper mailq``) and its DNS stub;
 4. ``chrootwsgi apache-config`` writes the site snippet; Apache (``apache2 -k start``) serves
    it on 127.0.0.1:PORT with a mod_wsgi daemon running as www-data;
 5. the page is fetched once and summarised; the URL and how to stop are printed.
@@ -140,6 +140,7 @@ def start_helper(state: Path, dns: str) -> str:
     """Start ``chroot-helper serve`` with its socket in the jail; say what it serves."""
     config = state / "helper.toml"
     socket = state / "jail" / "run" / "chroot-helper.sock"
+    socket.parent.mkdir(mode=0o755, exist_ok=True)  # the helper's sockets, seen as /run in the jail
     config.write_text(
         "[helper]\n"
         f'socket = "{socket}"\n'  # the jailed app reaches it at /run/chroot-helper.sock
@@ -151,10 +152,17 @@ def start_helper(state: Path, dns: str) -> str:
         'user = "nobody"\n\n'
         "[dns]\n"
         f'listen = "{dns}:53"\nhosts_file = "{HERE / "dns-hosts"}"\n'
-        "upstream_timeout = 0.5\ntimeout = 1.0\n"
+        "upstream_timeout = 0.5\ntimeout = 1.0\n\n"
+        "[mail]\n"  # no relay: messages are held in the spool, visible in mailq
+        f'listen = ["unix:{state / "jail" / "run" / "smtp.sock"}"]\n'
+        f'spool = "{state / "spool"}"\n'
+        'domain = "localhost"\n'
     )
     command = [str(BIN / "chroot-helper"), "serve", "--config", str(config)]
-    what = f"exec (uname) and DNS on {dns}:53; socket {socket}"
+    what = (
+        f"exec (uname), mail (held; chroot-helper mailq --config {config}) and DNS on "
+        f"{dns}:53; socket {socket}"
+    )
     log = open(state / "helper.log", "wb")  # noqa: SIM115 - handed to the child
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
@@ -281,7 +289,7 @@ def stop(state: Path, *, quiet: bool = False) -> int:
     helper_run = jail / "run"  # the helper's socket directory, left after it stopped
     if helper_run.is_dir() and not helper_run.is_symlink():
         for entry in helper_run.iterdir():
-            if entry.name == "chroot-helper.sock" and entry.is_socket():
+            if entry.name in ("chroot-helper.sock", "smtp.sock") and entry.is_socket():
                 entry.unlink()
         if not any(helper_run.iterdir()):
             helper_run.rmdir()

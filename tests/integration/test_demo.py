@@ -89,7 +89,19 @@ def test_make_demo_serves_the_jailed_page_and_demo_stop_cleans_up(demo_env):
     uname = subprocess.run(["uname", "-sr"], capture_output=True, text=True, check=True).stdout
     exec_row = "command through the helper (exec)</th><td><pre>"
     assert f"{exec_row}uname -sr -&gt; {uname.strip()} (exit 0)" in page
-    assert "mail through the helper</th><td><pre>not configured: " in page
+    assert "mail through the helper</th><td><pre>queued as " in page
+    mailq = subprocess.run(
+        [
+            os.path.join(sys.prefix, "bin", "chroot-helper"),
+            "mailq",
+            "--config",
+            f"{state}/helper.toml",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "root@localhost" in mailq and "demo@localhost" in mailq, mailq
     assert "<pre>www-data:x:33:33::/var/www:/usr/sbin/nologin</pre>" in page
     assert "FileNotFoundError: [Errno 2] No such file or directory: &#x27;/etc/shadow&#x27;" in page
     assert os.listdir(f"{state}/jail") == ["run"]  # only the helper's socket directory

@@ -35,13 +35,16 @@ from .stats import MailStats, format_stats
 
 if TYPE_CHECKING:
     from .server import MailService, start
+    from .service import MailHelperService, create_service
 
 __all__ = [
     "MailConfig",
+    "MailHelperService",
     "MailService",
     "MailStats",
     "build_submission",
     "client_sendmail",
+    "create_service",
     "flush_main",
     "format_stats",
     "mailq_main",
@@ -57,4 +60,8 @@ def __getattr__(name: str) -> object:
         from . import server
 
         return getattr(server, name)
+    if name in ("create_service", "MailHelperService"):  # the daemon side, not for jailed apps
+        from . import service
+
+        return getattr(service, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
