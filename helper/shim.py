@@ -21,6 +21,7 @@ because the helper's configuration sets the environment.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -61,6 +62,97 @@ def uninstall() -> None:
 
 def _refuse(what: str) -> CommandError:
     return CommandError(f"{what} is not available to commands run through chroot-helper")
+
+
+#: Where apps look for sendmail(1); the shim submits their messages in-process, without a fork.
+SENDMAIL_PATHS: Final = frozenset({"/usr/sbin/sendmail", "/usr/lib/sendmail"})
+
+
+class _SendmailProcess:
+    """``sendmail ARGS`` run in this process: the message goes to the helper's SMTP listener.
+
+    Behaves like a finished :class:`subprocess.Popen` for ``run``/``call``/``communicate``,
+    ``stdin.write`` then ``wait``, and the context manager; ``pid`` is None.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        stdin: client.Stream,
+        stdout: client.Stream,
+        stderr: client.Stream,
+        *,
+        text: bool,
+    ) -> None:
+        self.args = argv
+        self.pid = None
+        self.returncode: int | None = None
+        self._text = text
+        self._source = stdin
+        self._capture = (stdout == subprocess.PIPE, stderr == subprocess.PIPE)
+        self.stdin: io.BytesIO | None = _KeepOpen() if stdin == subprocess.PIPE else None
+        self.stdout = None
+        self.stderr = None
+        self._output: tuple[str, str] = ("", "")
+
+    def _message(self, given: bytes | str | None) -> bytes:
+        if given is not None:
+            return given.encode() if isinstance(given, str) else given
+        if self.stdin is not None:
+            return self.stdin.getvalue()
+        if isinstance(self._source, int) and self._source >= 0:
+            with os.fdopen(os.dup(self._source), "rb") as source:
+                return source.read()
+        if hasattr(self._source, "read"):
+            data = self._source.read()  # type: ignore[union-attr]
+            return data.encode() if isinstance(data, str) else bytes(data)
+        return b""  # inherited stdin: a web worker has no message there
+
+    def _run(self, given: bytes | str | None = None) -> int:
+        if self.returncode is None:
+            from .services.mail import sendmail_main
+
+            errors = io.StringIO()
+            self.returncode = sendmail_main(
+                self.args[1:], stdin=io.BytesIO(self._message(given)), stderr=errors
+            )
+            self._output = ("", errors.getvalue())
+        return self.returncode
+
+    def communicate(
+        self, input: bytes | str | None = None, timeout: float | None = None
+    ) -> tuple[object, object]:
+        self._run(input)
+        out, err = (value if self._text else value.encode() for value in self._output)
+        return (out if self._capture[0] else None, err if self._capture[1] else None)
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self._run()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Nothing to signal: the submission runs, and ends, in this process."""
+
+    def terminate(self) -> None:
+        """Nothing to stop (see :meth:`send_signal`)."""
+
+    def kill(self) -> None:
+        """Nothing to stop (see :meth:`send_signal`)."""
+
+    def __enter__(self) -> _SendmailProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run()
+
+
+class _KeepOpen(io.BytesIO):
+    """A stdin pipe stand-in whose content survives ``close()`` (read when the message is sent)."""
+
+    def close(self) -> None:
+        self.flush()
 
 
 class _RoutedPopen:
@@ -126,6 +218,10 @@ class _RoutedPopen:
                 f"(routed: {', '.join(sorted(_routed))}) "
                 "and cannot run inside the jail; configure it as [exec.NAME] in the helper and add "
                 "it to shim.install(commands=...)"
+            )
+        if argv[0] in SENDMAIL_PATHS or argv[0] == "sendmail":
+            return _SendmailProcess(  # type: ignore[return-value]  # a Popen look-alike
+                argv, stdin, stdout, stderr, text=bool(text or universal_newlines or encoding)
             )
         if env is not None:
             log.debug("ignoring env= for %s: the helper's config sets the environment", argv[0])

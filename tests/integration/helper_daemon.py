@@ -101,14 +101,19 @@ def running_helper(
     """Write a config (a world-traversable temp dir, so other uids reach the socket), start the
     helper, wait until it accepts connections, and stop it (by PID) afterwards.
 
-    *config_body* holds the ``[exec.*]`` tables; *helper_table* extra ``[helper]`` lines;
-    *as_user* starts the helper as that uid instead of root.
+    *config_body* holds the ``[exec.*]`` (and ``[dns]``, ``[mail]``) tables, where
+    ``{socket_dir}`` stands for the jail's ``run/`` directory and ``{spool}`` for a fresh spool
+    directory; *helper_table* extra ``[helper]`` lines; *as_user* starts the helper as that uid.
     """
     base = Path(tempfile.mkdtemp(prefix="chroot-helper-test-"))
     base.chmod(0o755)
     if as_user is not None:
         os.chown(base, as_user, as_user)
     sock = str(base / "jail" / "run" / "chroot-helper.sock")
+    if "{socket_dir}" in config_body:
+        os.makedirs(os.path.dirname(sock), mode=0o755)
+    config_body = config_body.replace("{socket_dir}", os.path.dirname(sock))
+    config_body = config_body.replace("{spool}", str(base / "spool"))
     config = base / "helper.toml"
     config.write_text(
         f'[helper]\nsocket = "{sock}"\nsocket_mode = "0666"\nallow_uids = [0, 33]\n'

@@ -32,6 +32,11 @@ user = "nobody"
 listen = "{host}:53"
 upstreams = ["{upstream.address}"]
 hosts_file = ""
+
+[mail]
+listen = ["unix:{{socket_dir}}/smtp.sock"]
+spool = "{{spool}}"
+domain = "example.org"
 """
         with running_helper(config) as helper:
             jail = os.path.dirname(os.path.dirname(helper.socket))
@@ -45,7 +50,24 @@ hosts_file = ""
                 assert result["not_allowed"]["ok"] is False
                 assert "rm" in result["not_allowed"]["error"]
                 shimmed = apache.get("/shim").json()
-                assert shimmed == {"run": {"ok": True, "result": "via shim\n"}}
+                assert shimmed["run"] == {"ok": True, "result": "via shim\n"}
+                assert shimmed["sendmail_run"] == {"ok": True, "result": 0}
+                assert shimmed["sendmail_pipe"] == {"ok": True, "result": 0}
+                assert shimmed["sendmail_refused"] == {"ok": True, "result": 77}  # EX_NOPERM
+                mailq = subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "chroot_helper.cli",
+                        "mailq",
+                        "--config",
+                        str(helper.config),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                assert mailq.count("someone@example.org") == 2, mailq
                 resolved = apache.get("/resolve").json()
                 assert resolved["getaddrinfo"] == {"ok": True, "result": ["192.0.2.77"]}
             stats = subprocess.run(

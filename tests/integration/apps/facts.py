@@ -197,12 +197,27 @@ def shim(environ):
     """Unchanged code calling subprocess, with ChrootMiddleware(exec_shim=True)."""
     import subprocess
 
+    message = b"From: app@example.org\nTo: someone@example.org\nSubject: shim\n\nhello\n"
+
+    def pipe_to_sendmail():
+        with subprocess.Popen(["/usr/lib/sendmail", "-oi", "-t"], stdin=subprocess.PIPE) as proc:
+            proc.stdin.write(message)
+            proc.stdin.close()
+            return proc.wait()
+
+    def refused_sender():
+        argv = ["/usr/sbin/sendmail", "-f", "evil@elsewhere.test", "-t"]
+        return subprocess.run(argv, input=message, capture_output=True).returncode
+
+    os.environ["CHROOT_HELPER_SMTP"] = "unix:/run/smtp.sock"
+    echo = ["/bin/echo", "via", "shim"]
     return {
-        "run": _attempt(
-            lambda: subprocess.run(
-                ["/bin/echo", "via", "shim"], capture_output=True
-            ).stdout.decode()
+        "run": _attempt(lambda: subprocess.run(echo, capture_output=True).stdout.decode()),
+        "sendmail_run": _attempt(
+            lambda: subprocess.run(["/usr/sbin/sendmail", "-t"], input=message).returncode
         ),
+        "sendmail_pipe": _attempt(pipe_to_sendmail),
+        "sendmail_refused": _attempt(refused_sender),
     }
 
 
