@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, MutableMapping
 
+#: How many distinct host paths :meth:`PathMapper.rewrite` remembers.
+MEMO_SIZE = 1024
 #: The environ keys that carry file-system paths.
 PATH_KEYS = ("DOCUMENT_ROOT", "CONTEXT_DOCUMENT_ROOT", "SCRIPT_FILENAME", "PATH_TRANSLATED")
 
@@ -24,6 +26,7 @@ class PathMapper:
     def __init__(self, mappings: Iterable[tuple[str, str]]) -> None:
         pairs = {os.path.normpath(host): os.path.normpath(jail) for host, jail in mappings}
         self._to_jail = sorted(pairs.items(), key=lambda pair: len(pair[0]), reverse=True)
+        self._memo: dict[str, str | None] = {}
         self._to_host = sorted(
             ((jail, host) for host, jail in pairs.items()),
             key=lambda pair: len(pair[0]),
@@ -39,12 +42,22 @@ class PathMapper:
         return _translate(path, self._to_host)
 
     def rewrite(self, environ: MutableMapping[str, object]) -> None:
-        """Rewrite :data:`PATH_KEYS` in *environ* in place; drop those the jail cannot see."""
+        """Rewrite :data:`PATH_KEYS` in *environ* in place; drop those the jail cannot see.
+
+        Runs per request; Apache sends the same few paths again and again, so answers are
+        remembered (up to :data:`MEMO_SIZE` of them).
+        """
+        memo = self._memo
         for key in PATH_KEYS:
             value = environ.get(key)
             if not isinstance(value, str) or not value:
                 continue
-            mapped = self.to_jail(value)
+            try:
+                mapped = memo[value]
+            except KeyError:
+                if len(memo) >= MEMO_SIZE:
+                    memo.clear()
+                mapped = memo[value] = self.to_jail(value)
             if mapped is None:
                 del environ[key]
             else:
