@@ -35,11 +35,10 @@ from .stats import MailStats, format_stats
 
 if TYPE_CHECKING:
     from .server import MailService, start
-    from .service import MailHelperService, create_service
+    from .service import create_service
 
 __all__ = [
     "MailConfig",
-    "MailHelperService",
     "MailService",
     "MailStats",
     "build_submission",
@@ -60,7 +59,7 @@ def __getattr__(name: str) -> object:
         from . import server
 
         return getattr(server, name)
-    if name in ("create_service", "MailHelperService"):  # the daemon side, not for jailed apps
+    if name == "create_service":  # the daemon side, not for jailed apps
         from . import service
 
         return getattr(service, name)
