@@ -70,6 +70,8 @@ bench: install
 	$(BIN)/python bench/jail_overhead.py
 	$(BIN)/python bench/exec_latency.py
 	$(BIN)/python bench/dns_stub.py
+	$(BIN)/python bench/dns_qps.py
+	$(BIN)/python bench/mail_throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,192 @@
+"""The helper's DNS stub against dnsmasq, both caching the same local upstream, in one run.
+
+Prints ratios (this machine is noisy; absolute numbers mislead):
+
+- dnsperf queries/s, stub / dnsmasq (goal >= 1.0), and average latency ratio, over a 50-name
+  query file, after one warm-up pass through each;
+- ``getaddrinfo`` p50 from a jailed process through the stub vs a plain process through dnsmasq
+  (goal <= 1.0). glibc asks port 53, so both listen on port 53 of spare loopback addresses; the
+  plain process sees dnsmasq through a resolv.conf bind-mounted in its own mount namespace.
+
+Every server is local: the upstream is the test suite's authoritative server for ``test.``.
+Needs root, dnsperf and dnsmasq (Debian packages dnsperf, dnsmasq-base).
+Usage: ``python bench/dns_qps.py [--seconds 30]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
+
+from dns_fixtures import run_stub, run_upstream  # noqa: E402
+
+NAMES = [
+    ("a.test", "A"),
+    ("a.test", "AAAA"),
+    ("mx.test", "MX"),
+    ("mail.test", "A"),
+    ("txt.test", "TXT"),
+    ("www.chain.test", "A"),
+    ("name.test", "A"),
+    ("web.test", "A"),
+    ("ttl.test", "A"),
+    ("end.chain.test", "A"),
+] + [(f"missing{i}.test", "A") for i in range(40)]
+
+GETADDRINFO = """
+import json, socket, statistics, sys, time
+{enter}
+samples = []
+for _ in range(300):
+    started = time.perf_counter()
+    socket.getaddrinfo("name.test", 80, type=socket.SOCK_STREAM)
+    samples.append(time.perf_counter() - started)
+print(json.dumps(statistics.median(samples)))
+"""
+
+
+def spare_port53_addresses(count: int) -> list[str]:
+    """Loopback addresses whose port 53 is free, for glibc's resolver."""
+    import socket
+
+    found = []
+    for last in range(2, 250):
+        host = f"127.53.{last}.1"
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.bind((host, 53))
+        except OSError:
+            continue
+        found.append(host)
+        if len(found) == count:
+            return found
+    raise SystemExit("no free port 53 on 127.53.x.1 addresses")
+
+
+def dnsperf(host: str, port: int, query_file: Path, seconds: int) -> tuple[float, float]:
+    """Queries/s and average latency (ms)."""
+    output = subprocess.run(
+        [
+            "dnsperf",
+            "-s",
+            host,
+            "-p",
+            str(port),
+            "-d",
+            str(query_file),
+            "-l",
+            str(seconds),
+            "-c",
+            "4",
+            "-Q",
+            "200000",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))
+    latency = float(re.search(r"Average Latency \(s\):\s+([\d.]+)", output).group(1)) * 1000
+    return qps, latency
+
+
+def start_dnsmasq(host: str, port: int, upstream: str, log: Path) -> subprocess.Popen[bytes]:
+    upstream_host, upstream_port = upstream.rsplit(":", 1)
+    process = subprocess.Popen(
+        [
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            f"--listen-address={host}",
+            f"--port={port}",
+            f"--server={upstream_host}#{upstream_port}",
+            "--cache-size=10000",
+            "--user=root",
+            "--pid-file=",
+            f"--log-facility={log}",
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    time.sleep(0.5)
+    if process.poll() is not None:
+        raise SystemExit(f"dnsmasq exited with {process.returncode}; see {log}")
+    return process
+
+
+def getaddrinfo_p50(code: str, *, resolv_conf: Path | None = None) -> float:
+    command = [sys.executable, "-c", code]
+    if resolv_conf is not None:
+        script = f'mount --bind {resolv_conf} /etc/resolv.conf && exec "$0" -c "$1"'
+        command = ["unshare", "--mount", "sh", "-c", script, sys.executable, code]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, cwd="/")
+    return float(json.loads(done.stdout.splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=30, help="dnsperf duration per server")
+    args = parser.parse_args()
+    for tool in ("dnsperf", "dnsmasq", "unshare"):
+        if shutil.which(tool) is None:
+            sys.exit(f"{tool} is not installed: apt-get install dnsperf dnsmasq-base util-linux")
+    work = Path(tempfile.mkdtemp(prefix="chrootwsgi-dns-bench-"))
+    work.chmod(0o755)
+    query_file = work / "queries.txt"
+    query_file.write_text("".join(f"{name} {kind}\n" for name, kind in NAMES))
+    stub_host, dnsmasq_host = spare_port53_addresses(2)
+    jail = work / "jail"
+    jail.mkdir(mode=0o755)
+    try:
+        with (
+            run_upstream(work, host="127.0.0.2") as upstream,
+            run_stub(work, [upstream.address], host=stub_host, port=53, label="stub"),
+        ):
+            dnsmasq = start_dnsmasq(dnsmasq_host, 53, upstream.address, work / "dnsmasq.log")
+            try:
+                for host in (stub_host, dnsmasq_host):
+                    dnsperf(host, 53, query_file, 2)  # warm both caches
+                stub = dnsperf(stub_host, 53, query_file, args.seconds)
+                other = dnsperf(dnsmasq_host, 53, query_file, args.seconds)
+                enter = (
+                    "import chrootwsgi; chrootwsgi.enter_jail("
+                    f"{str(jail)!r}, user='nobody', nameservers=[{stub_host!r}])"
+                )
+                jailed = getaddrinfo_p50(textwrap.dedent(GETADDRINFO.format(enter=enter)))
+                resolv = work / "resolv.conf"
+                resolv.write_text(f"nameserver {dnsmasq_host}\n")
+                host_p50 = getaddrinfo_p50(GETADDRINFO.format(enter=""), resolv_conf=resolv)
+            finally:
+                dnsmasq.terminate()
+                dnsmasq.wait()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"DNS, stub vs dnsmasq over the same local upstream ({len(NAMES)} names, "
+        f"{args.seconds} s each)"
+    )
+    print(
+        f"  dnsperf qps ratio {stub[0] / other[0]:.2f} (goal >= 1.0; {stub[0]:.0f} vs "
+        f"{other[0]:.0f} q/s), average latency ratio {stub[1] / other[1]:.2f} "
+        f"({stub[1]:.3f} vs {other[1]:.3f} ms)"
+    )
+    print(
+        f"  getaddrinfo p50, jailed through the stub vs host through dnsmasq: ratio "
+        f"{jailed / host_p50:.2f} (goal <= 1.0; {jailed * 1e6:.0f} vs {host_p50 * 1e6:.0f} us)"
+    )
+
+
+if __name__ == "__main__":
+    main()
