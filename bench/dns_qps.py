@@ -138,6 +138,7 @@ def getaddrinfo_p50(code: str, *, resolv_conf: Path | None = None) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30, help="dnsperf duration per server")
+    parser.add_argument("--workers", type=int, default=2, help="stub processes (SO_REUSEPORT)")
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "unshare"):
         if shutil.which(tool) is None:
@@ -152,7 +153,14 @@ def main() -> None:
     try:
         with (
             run_upstream(work, host="127.0.0.2") as upstream,
-            run_stub(work, [upstream.address], host=stub_host, port=53, label="stub"),
+            run_stub(
+                work,
+                [upstream.address],
+                host=stub_host,
+                port=53,
+                label="stub",
+                workers=args.workers,
+            ),
         ):
             dnsmasq = start_dnsmasq(dnsmasq_host, 53, upstream.address, work / "dnsmasq.log")
             try:
