@@ -22,10 +22,10 @@ prepare_jail() {
 }
 
 start_helper() {
-    # The helper's DNS stub; exec and mail are not configured yet (when they are, this becomes
-    # `chroot-helper serve --config "$helper_config"`, its socket in /run/chroot-helper).
-    log "starting the helper's DNS stub; exec and mail are not configured"
-    /opt/chrootwsgi/bin/python -m chroot_helper.services.dns --config "$helper_config" &
+    # exec, mail and DNS; its sockets in /run/chroot-helper, which the jail shows as /run.
+    log "starting chroot-helper (exec, mail, DNS)"
+    mkdir -p /run/chroot-helper
+    /opt/chrootwsgi/bin/chroot-helper serve --config "$helper_config" &
     pids+=("$!")
 }
 

@@ -142,6 +142,8 @@ def assert_jailed_page(page: requests.Response) -> None:
     assert "<pre>effective 0x0, permitted 0x0</pre>" in text
     assert "demo.chrootwsgi.test -&gt; 192.0.2.80 (asked of 127.0.0.1)" in text
     assert "<pre>www-data:x:33:33::/var/www:/usr/sbin/nologin</pre>" in text
+    assert "command through the helper (exec)</th><td><pre>uname -sr -&gt; Linux " in text
+    assert "mail through the helper</th><td><pre>queued as " in text
 
 
 def exit_code(name: str) -> int:
@@ -165,7 +167,7 @@ def test_entrypoint_serves_on_the_host_and_stops_on_term(image):
         assert exit_code(name) == 0
         logs = podman("logs", name).stderr
         assert "caught SIGTERM, shutting down" in logs
-        assert "dns stub stopped" in logs
+        assert "chroot_helper.server: stopped" in logs  # the helper closed its services
         assert "chrootwsgi-entrypoint: stopped (status 0)" in logs
     finally:
         podman("rm", "-f", "-v", name, check=False)  # -v: its anonymous volumes
