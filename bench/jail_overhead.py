@@ -31,14 +31,14 @@ from apache_server import Apache, Site, world_readable_dir  # noqa: E402
 PAGES = {"hello": "/", "50KB": "/page"}
 
 
-def script(jail: str | None) -> str:
+def script(jail: str | None, *, seccomp: bool = True) -> str:
     if jail is None:
         return "from bench_app import app as application\n"
     return textwrap.dedent(
         f"""\
         from chrootwsgi import ChrootMiddleware
         from bench_app import app
-        application = ChrootMiddleware(app, root={jail!r})
+        application = ChrootMiddleware(app, root={jail!r}, seccomp={seccomp!r})
         """
     )
 
@@ -71,8 +71,10 @@ def daemon_rss_kib() -> list[int]:
     return sizes
 
 
-def measure(jail: str | None, duration: int) -> dict[str, object]:
-    site = Site(script=script(jail), processes=2, threads=15, python_path=(str(HERE),))
+def measure(jail: str | None, duration: int, *, seccomp: bool = True) -> dict[str, object]:
+    site = Site(
+        script=script(jail, seccomp=seccomp), processes=2, threads=15, python_path=(str(HERE),)
+    )
     with Apache(site) as apache:
         for path in PAGES.values():
             wrk(apache.url(path), 2)  # warm up every daemon thread
@@ -95,17 +97,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
+    parser.add_argument(
+        "--filter-cost", action="store_true", help="also run jailed without the syscall filter"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
     jail = world_readable_dir("chrootwsgi-bench-jail-")
-    runs: dict[str, list[dict[str, object]]] = {"unjailed": [], "jailed": []}
-    variants = {"unjailed": None, "jailed": str(jail)}
+    variants: dict[str, tuple[str | None, bool]] = {
+        "unjailed": (None, True),
+        "jailed": (str(jail), True),
+    }
+    if args.filter_cost:
+        variants["no filter"] = (str(jail), False)
+    runs: dict[str, list[dict[str, object]]] = {name: [] for name in variants}
     try:
         for round_number in range(args.rounds):
             order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
             for name in order:  # alternate which goes first: the machine drifts
-                runs[name].append(measure(variants[name], args.duration))
+                root, seccomp = variants[name]
+                runs[name].append(measure(root, args.duration, seccomp=seccomp))
     finally:
         jail.rmdir()
     print(f"jail overhead, {args.rounds} x {args.duration} s per variant and page (wrk -t2 -c16)")
@@ -118,6 +129,11 @@ def main() -> None:
             f"{p99['jailed'] / p99['unjailed']:.3f} (goal <= 1.02; {p99['jailed']:.2f} vs "
             f"{p99['unjailed']:.2f} ms)"
         )
+        if args.filter_cost:
+            print(
+                f"  {name:>5}: syscall filter, rps ratio with / without "
+                f"{rps['jailed'] / rps['no filter']:.3f} (goal: within noise)"
+            )
     states = [state for r in runs["jailed"] for state in r["states"]]
     for origin in ("cached", "built"):
         entries = [s for s in states if s["snapshot"] == origin]
