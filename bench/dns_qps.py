@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
 
-from dns_fixtures import run_stub, run_upstream  # noqa: E402
+from dns_fixtures import run_stub, run_upstream, spare_port53_addresses  # noqa: E402
 
 NAMES = [
     ("a.test", "A"),
@@ -54,24 +54,6 @@ for _ in range(300):
     samples.append(time.perf_counter() - started)
 print(json.dumps(statistics.median(samples)))
 """
-
-
-def spare_port53_addresses(count: int) -> list[str]:
-    """Loopback addresses whose port 53 is free, for glibc's resolver."""
-    import socket
-
-    found = []
-    for last in range(2, 250):
-        host = f"127.53.{last}.1"
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                udp.bind((host, 53))
-        except OSError:
-            continue
-        found.append(host)
-        if len(found) == count:
-            return found
-    raise SystemExit("no free port 53 on 127.53.x.1 addresses")
 
 
 def dnsperf(host: str, port: int, query_file: Path, seconds: int) -> tuple[float, float]:

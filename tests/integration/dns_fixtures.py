@@ -187,8 +187,9 @@ class Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def spare_port53_address() -> str:
-    """A loopback address whose port 53 is free (glibc's resolver always asks port 53)."""
+def spare_port53_addresses(count: int) -> list[str]:
+    """*count* loopback addresses whose port 53 is free (glibc's resolver always asks port 53)."""
+    found = []
     for host in PORT53_CANDIDATES:
         try:
             with (
@@ -199,11 +200,18 @@ def spare_port53_address() -> str:
                 tcp.bind((host, 53))
         except OSError:
             continue
-        return host
+        found.append(host)
+        if len(found) == count:
+            return found
     raise AssertionError(
-        f"port 53 is taken on every candidate loopback address {PORT53_CANDIDATES}; "
-        "free one of them for this test"
+        f"port 53 is free on {found or 'none'} of the candidate loopback addresses "
+        f"{PORT53_CANDIDATES}, {count} needed; free some of them"
     )
+
+
+def spare_port53_address() -> str:
+    """A loopback address whose port 53 is free."""
+    return spare_port53_addresses(1)[0]
 
 
 DIG = shutil.which("dig") or "/usr/bin/dig"

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import logging
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Sequence
 
 from ...errors import ConfigError, ListenError
+from ..standalone import die_with_parent, read_table
 from .config import DnsConfig, parse_config
 from .server import start
 from .stats import format_stats
@@ -32,22 +31,10 @@ EXIT_OK = 0
 EXIT_LISTEN = 71
 EXIT_CONFIG = 78
 
-PR_SET_PDEATHSIG = 1
-
 
 def load_config(path: str) -> DnsConfig:
     """The validated ``[dns]`` table of the TOML file at ``path``."""
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"--config {path!r}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: not valid TOML ({exc})") from None
-    table = document.get("dns")
-    if not isinstance(table, dict):
-        raise ConfigError(f"--config {path!r}: has no [dns] table; add one (see dns.listen)")
-    return parse_config(table)
+    return parse_config(read_table(path, "dns"))
 
 
 async def serve(config: DnsConfig) -> int:
@@ -74,15 +61,6 @@ async def serve(config: DnsConfig) -> int:
     return EXIT_OK
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGTERM this worker when the parent dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _run_workers(config: DnsConfig) -> int:
     children = []
     parent = os.getpid()
@@ -91,7 +69,7 @@ def _run_workers(config: DnsConfig) -> int:
         if pid == 0:
             code = EXIT_LISTEN
             try:
-                _die_with_parent(parent)
+                die_with_parent(parent)
                 code = asyncio.run(serve(config))
             finally:
                 os._exit(code)

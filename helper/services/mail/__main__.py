@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import re
@@ -27,10 +26,10 @@ import signal
 import socket
 import stat
 import sys
-import tomllib
 from collections.abc import Callable, Sequence
 
 from ...errors import ConfigError, MailListenError, SpoolError
+from ..standalone import die_with_parent, read_table
 from .config import MailConfig, UnixAddress, parse_config
 from .mailq import flush_main, mailq_main
 from .sendmail_cli import main as sendmail_main
@@ -43,22 +42,10 @@ EXIT_LISTEN = 71
 EXIT_SPOOL = 73
 EXIT_CONFIG = 78
 
-PR_SET_PDEATHSIG = 1
-
 
 def load_config(path: str) -> MailConfig:
     """The validated ``[mail]`` table of the TOML file at ``path``."""
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"--config {path!r}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: not valid TOML ({exc})") from None
-    table = document.get("mail")
-    if not isinstance(table, dict):
-        raise ConfigError(f"--config {path!r}: has no [mail] table; add one (see mail.listen)")
-    return parse_config(table)
+    return parse_config(read_table(path, "mail"))
 
 
 async def serve(
@@ -130,15 +117,6 @@ def _read_queue_ids(
             enqueue(queue_id)
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask the kernel to SIGTERM this worker when the parent dies (even by SIGKILL)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def run(config: MailConfig) -> int:
     """Run the service; with ``mail.workers > 1`` fork submission-only workers first."""
     if config.workers == 1:
@@ -166,7 +144,7 @@ def run(config: MailConfig) -> int:
                 os.close(read_fd)
                 for _pid, other in children:
                     os.close(other)
-                _die_with_parent(parent)
+                die_with_parent(parent)
                 code = asyncio.run(serve(config, sockets=sockets, notify_fd=write_fd))
             finally:
                 os._exit(code)
