@@ -47,6 +47,9 @@ def test_good_addresses(address):
         "x" * 65 + "@example.org",
         "a@" + "b" * 250 + ".org",
         "a@[not-an-ip]",
+        # bytes that are not UTF-8, as aiosmtpd hands them over (surrogateescape)
+        "\udcc3\udcb6@example.org",
+        "a@e\udcd3\udcd3xample.net",
     ],
 )
 def test_bad_addresses(address):

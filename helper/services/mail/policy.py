@@ -58,15 +58,27 @@ def _has_control(text: str) -> bool:
     return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
 
 
+def _is_utf8(text: str) -> bool:
+    """False for bytes that were not UTF-8 (aiosmtpd keeps them as lone surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_address(address: str, *, smtputf8: bool) -> str | None:
     """Check an envelope address (``local@domain``, no angle brackets).
 
     Control characters (CR, LF, NUL, ...) are always refused: they would end up in
-    ``Received:``/``Return-Path:`` headers or on a transport's command line.
+    ``Received:``/``Return-Path:`` headers or on a transport's command line.  So are bytes
+    that are not UTF-8, which reach us as lone surrogates.
 
     :param smtputf8: the client sent ``SMTPUTF8``; without it non-ASCII is refused.
     """
     if not address or len(address) > MAX_ADDRESS or _has_control(address):
+        return REPLY_BAD_ADDRESS
+    if not _is_utf8(address):
         return REPLY_BAD_ADDRESS
     if address.isascii() is False and not smtputf8:
         return REPLY_NEEDS_SMTPUTF8
