@@ -33,7 +33,7 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -76,6 +76,7 @@ REPLY_SPOOL_ERROR = "451 4.3.0 Error: queue file write error; try again later"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _sanitize(text: str, limit: int = 64) -> str:
@@ -103,6 +104,14 @@ class _Submission(SMTP):
         self._stream_reader._limit = READ_BUFFER  # type: ignore[attr-defined]
         self.client = "unknown"
         self.rate_key: object = None
+
+    async def push(self, status: AnyStr) -> None:
+        """Send a reply line, control bytes replaced: aiosmtpd echoes an unknown command verb
+        (``500 Error: command "NO\\rOP" not recognized``), and a bare CR or NUL in a reply can
+        desynchronise the client's reply parser."""
+        if isinstance(status, str):
+            status = _CONTROL.sub("?", status)
+        await super().push(status)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.service.connections.add(self)
