@@ -11,7 +11,7 @@ INSTALLED := $(VENV)/.installed
 DEMO_PACKAGES := apache2 apache2-dev python3.11 python3.11-dev python3.11-venv libpython3.11 \
 	build-essential ca-certificates tzdata
 
-.PHONY: venv install test test-docker lint fmt bench demo demo-stop system-packages clean
+.PHONY: venv install test test-docker lint fmt bench fuzz demo demo-stop system-packages clean
 
 # Debian's python3.11 has a shared libpython, which mod_wsgi needs; pyenv builds usually do not.
 $(BIN)/python:
@@ -65,6 +65,15 @@ demo: system-packages $(INSTALLED)
 
 demo-stop:
 	$(BIN)/python apache/demo/run.py stop
+
+# Each fuzz target for FUZZ_SECONDS under atheris, then the corpus replayed against a real helper
+# while a canary client keeps using it; summary in build/fuzz-report.json (see fuzz/run.py).
+# atheris (a 35 MB wheel) is installed here only, not by `make install`.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+fuzz: install
+	$(BIN)/pip install -q -e '.[test,lint,fuzz]' --config-settings editable_mode=strict
+	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
 
 bench: install
 	$(BIN)/python bench/jail_overhead.py

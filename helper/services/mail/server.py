@@ -416,6 +416,10 @@ class MailService:
                 self.config.max_connections,
             )
             return _Refuse()
+        return self.submission_protocol()
+
+    def submission_protocol(self) -> _Submission:
+        """The SMTP protocol for one client connection, on the running loop."""
         return _Submission(
             self,
             data_size_limit=self.config.max_size,
