@@ -4,8 +4,9 @@ Hypothesis writes client sessions: valid verbs in any order, bad arguments, over
 bare CR/LF and NUL inside lines, pipelined bursts, DATA bodies with dot-stuffing edge cases,
 and hang-ups at any point.  What a user must see, whatever the client does:
 
-* every reply line is ``ddd[ -]text`` with a code of class 2-5, and each command gets one
-  reply within the socket timeout (the connection is never left hanging);
+* every reply line is ``ddd[ -]text`` with a code of class 2-5, none is aiosmtpd's catch-all
+  for an exception (``500 Error: (IndexError) ...``), and each command gets one reply within
+  the socket timeout (the connection is never left hanging);
 * a body the policy accepts gets ``250 ... queued as ID`` and is in the spool byte-exact after
   dot-unstuffing; a body it refuses gets a 5xx and is not stored;
 * the spool holds no message that was not acknowledged, except one whose final dot was sent
@@ -46,6 +47,8 @@ addresses = st.sampled_from(
         "<app@example.org>",
         "<user@example.net>",
         "<>",
+        "<",
+        " <",
         "<a@b>",
         "<no-at-sign>",
         "<a\x00b@example.org>",
@@ -156,6 +159,9 @@ class Client:
             line, self.buffer = self.buffer.split(b"\r\n", 1)
             match = REPLY_LINE.fullmatch(line + b"\r\n")
             assert match, f"malformed reply line {line!r}"
+            assert not line.startswith(b"500 Error: ("), (
+                f"an exception reached the client: {line!r}"
+            )
             assert not lines or match.group(1) == lines[0][:3], f"code changes: {lines} {line!r}"
             lines.append(line)
             if match.group(2) == b" ":

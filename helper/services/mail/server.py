@@ -113,6 +113,15 @@ class _Submission(SMTP):
             status = _CONTROL.sub("?", status)
         await super().push(status)
 
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's address parser; the stdlib parser under it raises IndexError on a lone
+        ``<`` (``MAIL FROM:<``), which would reach aiosmtpd's catch-all as ``500 Error:
+        (IndexError) ...``.  Such an argument is a malformed address (``553 5.1.3``)."""
+        try:
+            return super()._getaddr(arg)
+        except IndexError:
+            return None, None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.service.connections.add(self)
         sock = transport.get_extra_info("socket")
