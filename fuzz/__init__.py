@@ -11,9 +11,16 @@ and every saved crash through the same entry points (``tests/unit/test_fuzz_repl
 
 from __future__ import annotations
 
+import os
+
 TARGETS: dict[str, str] = {
     "frames": "fuzz.frames",
     "smtp": "fuzz.smtp_session",
     "dns": "fuzz.dns_packets",
 }
 """Target name -> module with ``test_one_input``; corpus in ``fuzz/corpus/<name>/``."""
+
+SCRATCH_ENV = "CHROOTWSGI_FUZZ_SCRATCH"
+"""Where a target may keep files (the runner removes the directory after each fuzzing run)."""
+SCRATCH_PARENT = "/dev/shm" if os.path.isdir("/dev/shm") else None
+"""Parent of scratch directories: tmpfs keeps the spool's fsyncs cheap."""

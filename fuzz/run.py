@@ -49,13 +49,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from . import TARGETS
+from . import SCRATCH_ENV, SCRATCH_PARENT, TARGETS
 
 __all__ = ["main"]
 
@@ -111,14 +113,21 @@ def _fuzz_once(target: str, seconds: float, log: Path) -> tuple[int, int]:
         str(WORK / target),
         str(SEEDS / target),
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "fuzz.run", "--child", target, *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        timeout=seconds + 120,
-        check=False,
-    )
+    # libFuzzer leaves without running atexit handlers on a finding: scratch files go into a
+    # directory removed here.
+    scratch = tempfile.mkdtemp(prefix="chrootwsgi-fuzz-", dir=SCRATCH_PARENT)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "fuzz.run", "--child", target, *args],
+            cwd=ROOT,
+            env={**os.environ, SCRATCH_ENV: scratch},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=seconds + 120,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     with log.open("ab") as out:
         out.write(done.stdout)
     return _executions(done.stdout), done.returncode

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -30,6 +31,8 @@ from typing import Any
 from chroot_helper.services.mail.config import parse_config
 from chroot_helper.services.mail.policy import check_headers
 from chroot_helper.services.mail.server import MailService, _Submission
+
+from . import SCRATCH_ENV, SCRATCH_PARENT
 
 __all__ = ["SESSION_LIMIT", "SmtpTarget", "test_one_input"]
 
@@ -205,6 +208,6 @@ def test_one_input(data: bytes) -> None:
     """libFuzzer entry point: one session on the process-wide :class:`SmtpTarget`."""
     global _target
     if _target is None:
-        _target = SmtpTarget(spool_parent="/dev/shm" if Path("/dev/shm").is_dir() else None)
+        _target = SmtpTarget(spool_parent=os.environ.get(SCRATCH_ENV) or SCRATCH_PARENT)
         atexit.register(_target.close)
     _target.run(data)
