@@ -1,10 +1,12 @@
 """UDP and TCP listeners of the DNS stub, in the running asyncio loop.
 
 :func:`start` binds both listeners (so a taken address fails at start, with a message saying
-what to change) and returns a :class:`DnsService`.  Each datagram is first offered to the
-resolver's synchronous fast path and answered in the same callback on a cache hit; otherwise a
-task takes the slow path.  TCP connections may send several length-prefixed queries; each gets
-``tcp_idle_timeout`` to arrive.
+what to change) and returns a :class:`DnsService`.  The UDP socket is read directly from the
+loop's selector, up to :data:`MAX_BATCH` datagrams per wakeup (no transport, no callback per
+datagram).  Each datagram is first offered to the cache's replay of a reply rendered for the
+same query bytes, then to the resolver's synchronous fast path, both answered at once;
+otherwise a task takes the slow path.  TCP connections may send several length-prefixed
+queries; each gets ``tcp_idle_timeout`` to arrive.
 
 With ``workers > 1`` the sockets set ``SO_REUSEPORT`` so that several processes (see
 ``python -m chroot_helper.services.dns``) share the address and the kernel spreads queries
@@ -27,7 +29,6 @@ import logging
 import socket
 import struct
 import time
-from typing import cast
 
 from ...errors import ListenError
 from .config import DnsConfig
@@ -41,16 +42,65 @@ log = logging.getLogger(__name__)
 MAX_PENDING_QUERIES = 2048
 """Slow-path UDP queries in progress at once; beyond this new ones are dropped (counted)."""
 
+MAX_BATCH = 64
+"""Datagrams read per wakeup of the UDP listener before the loop runs its other callbacks."""
 
-class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, service: DnsService) -> None:
+MAX_DATAGRAM = 65535
+"""Size of the UDP receive buffer: every datagram fits whole."""
+
+
+class _UdpListener:
+    """Reads the UDP socket straight from the loop's selector, several datagrams per wakeup.
+
+    A query whose reply was rendered before (same bytes after the ID, see
+    :meth:`AnswerCache.replay`) is answered without parsing; a plain cached question by the
+    resolver's fast path; anything else becomes a slow-path task.  Replies are sent with a
+    non-blocking ``sendto``; one the kernel cannot take at once is dropped (counted), as a
+    datagram would be on the wire.
+    """
+
+    def __init__(self, service: DnsService, sock: socket.socket) -> None:
         self.service = service
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.address = sock.getsockname()
+        self._buffer = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buffer)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read_ready)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+    def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _read_ready(self) -> None:
+        resolver = self.service.resolver
+        replay = resolver.cache.replay
+        recv_into = self.sock.recvfrom_into
+        view = self._view
+        now = time.monotonic()
+        replayed = 0
+        try:
+            for _ in range(MAX_BATCH):
+                try:
+                    size, addr = recv_into(self._buffer)
+                except (BlockingIOError, InterruptedError):
+                    break
+                data = bytes(view[:size])
+                reply = replay(data, now)
+                if reply is not None:
+                    replayed += 1
+                    self.send(reply, addr)
+                else:
+                    self._answer(data, addr)
+        except OSError as exc:
+            log.debug("udp listener: %s", exc)
+        finally:
+            if replayed:
+                resolver.count_replayed(replayed)
+
+    def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         service = self.service
         try:
             reply = service.resolver.answer_fast(data, addr, udp=True)
@@ -58,7 +108,7 @@ class _UdpListener(asyncio.DatagramProtocol):
             log.exception("%r: fast path failed; trying the slow path", addr)
             reply = None
         if reply is not None:
-            self._send(reply, addr)
+            self.send(reply, addr)
             return
         if len(service.tasks) >= MAX_PENDING_QUERIES:
             service.counters.dropped += 1
@@ -74,14 +124,16 @@ class _UdpListener(asyncio.DatagramProtocol):
             log.exception("%r: query failed", addr)
             return
         if reply is not None:
-            self._send(reply, addr)
+            self.send(reply, addr)
 
-    def _send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp listener: %s", exc)
+    def send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
+        try:
+            self.sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.service.counters.dropped += 1
+        except OSError as exc:
+            if self.sock.fileno() >= 0:
+                log.debug("%r: reply not sent: %s", addr, exc)
 
 
 class DnsService:
@@ -96,7 +148,7 @@ class DnsService:
         self.resolver = Resolver(config, self.counters)
         self.tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _UdpListener | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self._stats_task: asyncio.Task[None] | None = None
@@ -106,7 +158,7 @@ class DnsService:
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the port is the real one when ``listen`` asked for 0."""
         assert self._udp is not None
-        sockname = self._udp.get_extra_info("sockname")
+        sockname = self._udp.address
         return str(sockname[0]), int(sockname[1])
 
     def stats(self) -> DnsStats:
@@ -148,22 +200,15 @@ class DnsService:
         except ListenError:
             udp_sock.close()
             raise
-        try:
-            transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpListener(self), sock=udp_sock
-            )
-        except BaseException:
-            udp_sock.close()
-            tcp_sock.close()
-            raise
-        self._udp = transport
+        self._udp = _UdpListener(self, udp_sock)
+        self._udp.start()
         try:
             self._tcp = await asyncio.start_server(
                 self._serve_tcp, sock=tcp_sock, backlog=self.config.max_tcp_clients
             )
         except BaseException:
             tcp_sock.close()
-            transport.close()
+            self._udp.close()
             raise
         if self.config.stats_interval > 0:
             self._stats_task = loop.create_task(self._log_stats())
