@@ -44,7 +44,7 @@ async def serve(config: DnsConfig) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        service = await start(config)
+        service = await start(config, udp_thread=True)
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_LISTEN

@@ -17,6 +17,7 @@ from is still the cached one and its age in whole seconds (hence every TTL shown
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 from collections import OrderedDict
@@ -177,8 +178,14 @@ class AnswerCache:
         rendered[query[2:]] = _Rendered(reply[2:], key, entry, int(now - entry.stored_at))
 
     def replay(self, query: bytes, now: float) -> bytes | None:
-        """The remembered reply to the same query bytes with this query's ID, or ``None``."""
-        found = self._rendered.get(query[2:])
+        """The remembered reply to the same query bytes with this query's ID, or ``None``.
+
+        Safe to call from a thread other than the one changing the cache: each step is one
+        dictionary operation, and a reply whose entry goes away meanwhile is one that raced
+        with the change, as if the query had come a moment earlier.
+        """
+        rest = query[2:]
+        found = self._rendered.get(rest)
         if found is None:
             return None
         entry = found.entry
@@ -187,7 +194,8 @@ class AnswerCache:
             or int(now - entry.stored_at) != found.age
             or self._entries.get(found.key) is not entry
         ):
-            del self._rendered[query[2:]]
+            self._rendered.pop(rest, None)
             return None
-        self._entries.move_to_end(found.key)
+        with contextlib.suppress(KeyError):  # evicted since the line above
+            self._entries.move_to_end(found.key)
         return query[:2] + found.tail

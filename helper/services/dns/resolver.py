@@ -175,13 +175,6 @@ class Resolver:
             cache.remember(data, plain.key, response, now)
         return response
 
-    def count_replayed(self, count: int) -> None:
-        """Count ``count`` UDP queries answered by :meth:`AnswerCache.replay`."""
-        counters = self.counters
-        counters.queries += count
-        counters.udp_queries += count
-        counters.cache_hits += count
-
     def _render(
         self, entry: CacheEntry, query: bytes, plain: PlainQuery, now: float, udp: bool
     ) -> bytes:

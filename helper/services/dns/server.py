@@ -1,12 +1,9 @@
 """UDP and TCP listeners of the DNS stub, in the running asyncio loop.
 
 :func:`start` binds both listeners (so a taken address fails at start, with a message saying
-what to change) and returns a :class:`DnsService`.  The UDP socket is read directly from the
-loop's selector, up to :data:`MAX_BATCH` datagrams per wakeup (no transport, no callback per
-datagram).  Each datagram is first offered to the cache's replay of a reply rendered for the
-same query bytes, then to the resolver's synchronous fast path, both answered at once;
-otherwise a task takes the slow path.  TCP connections may send several length-prefixed
-queries; each gets ``tcp_idle_timeout`` to arrive.
+what to change) and returns a :class:`DnsService`.  UDP is read by a listener of :mod:`.udp`
+(from the loop's selector, or in a thread of its own for the standalone runner).  TCP
+connections may send several length-prefixed queries; each gets ``tcp_idle_timeout`` to arrive.
 
 With ``workers > 1`` the sockets set ``SO_REUSEPORT`` so that several processes (see
 ``python -m chroot_helper.services.dns``) share the address and the kernel spreads queries
@@ -24,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
@@ -34,106 +32,11 @@ from ...errors import ListenError
 from .config import DnsConfig
 from .resolver import Resolver
 from .stats import Counters, DnsStats, format_stats
+from .udp import SelectorListener, ThreadListener
 
-__all__ = ["MAX_PENDING_QUERIES", "DnsService", "start"]
+__all__ = ["DnsService", "start"]
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_QUERIES = 2048
-"""Slow-path UDP queries in progress at once; beyond this new ones are dropped (counted)."""
-
-MAX_BATCH = 64
-"""Datagrams read per wakeup of the UDP listener before the loop runs its other callbacks."""
-
-MAX_DATAGRAM = 65535
-"""Size of the UDP receive buffer: every datagram fits whole."""
-
-
-class _UdpListener:
-    """Reads the UDP socket straight from the loop's selector, several datagrams per wakeup.
-
-    A query whose reply was rendered before (same bytes after the ID, see
-    :meth:`AnswerCache.replay`) is answered without parsing; a plain cached question by the
-    resolver's fast path; anything else becomes a slow-path task.  Replies are sent with a
-    non-blocking ``sendto``; one the kernel cannot take at once is dropped (counted), as a
-    datagram would be on the wire.
-    """
-
-    def __init__(self, service: DnsService, sock: socket.socket) -> None:
-        self.service = service
-        self.sock = sock
-        self.address = sock.getsockname()
-        self._buffer = bytearray(MAX_DATAGRAM)
-        self._view = memoryview(self._buffer)
-
-    def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._read_ready)
-
-    def close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
-    def _read_ready(self) -> None:
-        resolver = self.service.resolver
-        replay = resolver.cache.replay
-        recv_into = self.sock.recvfrom_into
-        view = self._view
-        now = time.monotonic()
-        replayed = 0
-        try:
-            for _ in range(MAX_BATCH):
-                try:
-                    size, addr = recv_into(self._buffer)
-                except (BlockingIOError, InterruptedError):
-                    break
-                data = bytes(view[:size])
-                reply = replay(data, now)
-                if reply is not None:
-                    replayed += 1
-                    self.send(reply, addr)
-                else:
-                    self._answer(data, addr)
-        except OSError as exc:
-            log.debug("udp listener: %s", exc)
-        finally:
-            if replayed:
-                resolver.count_replayed(replayed)
-
-    def _answer(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        service = self.service
-        try:
-            reply = service.resolver.answer_fast(data, addr, udp=True)
-        except Exception:
-            log.exception("%r: fast path failed; trying the slow path", addr)
-            reply = None
-        if reply is not None:
-            self.send(reply, addr)
-            return
-        if len(service.tasks) >= MAX_PENDING_QUERIES:
-            service.counters.dropped += 1
-            return
-        task = asyncio.get_running_loop().create_task(self._slow(data, addr))
-        service.tasks.add(task)
-        task.add_done_callback(service.tasks.discard)
-
-    async def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            reply = await self.service.resolver.answer(data, addr, udp=True)
-        except Exception:
-            log.exception("%r: query failed", addr)
-            return
-        if reply is not None:
-            self.send(reply, addr)
-
-    def send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            self.sock.sendto(reply, addr)
-        except (BlockingIOError, InterruptedError):
-            self.service.counters.dropped += 1
-        except OSError as exc:
-            if self.sock.fileno() >= 0:
-                log.debug("%r: reply not sent: %s", addr, exc)
 
 
 class DnsService:
@@ -148,7 +51,7 @@ class DnsService:
         self.resolver = Resolver(config, self.counters)
         self.tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
-        self._udp: _UdpListener | None = None
+        self._udp: SelectorListener | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self._stats_task: asyncio.Task[None] | None = None
@@ -163,8 +66,15 @@ class DnsService:
 
     def stats(self) -> DnsStats:
         """A snapshot of the counters."""
+        counters = dataclasses.replace(self.counters)
+        if self._udp is not None:
+            replayed = self._udp.replayed
+            counters.queries += replayed
+            counters.udp_queries += replayed
+            counters.cache_hits += replayed
+            counters.dropped += self._udp.unsent
         return DnsStats.snapshot(
-            self.counters,
+            counters,
             cache_entries=len(self.resolver.cache),
             uptime=time.monotonic() - self._started,
         )
@@ -188,10 +98,9 @@ class DnsService:
         except OSError as exc:
             sock.close()
             raise ListenError(_bind_message(config, exc)) from exc
-        sock.setblocking(False)
         return sock
 
-    async def _open(self) -> None:
+    async def _open(self, udp_thread: bool) -> None:
         loop = asyncio.get_running_loop()
         udp_sock = self._socket(socket.SOCK_DGRAM, self.config.listen.port)
         port = udp_sock.getsockname()[1]
@@ -200,7 +109,8 @@ class DnsService:
         except ListenError:
             udp_sock.close()
             raise
-        self._udp = _UdpListener(self, udp_sock)
+        listener = ThreadListener if udp_thread else SelectorListener
+        self._udp = listener(udp_sock, self.resolver, self.tasks)
         self._udp.start()
         try:
             self._tcp = await asyncio.start_server(
@@ -293,13 +203,15 @@ def _bind_message(config: DnsConfig, exc: OSError) -> str:
     return f"{where}: cannot bind ({exc.strerror})"
 
 
-async def start(config: DnsConfig) -> DnsService:
+async def start(config: DnsConfig, *, udp_thread: bool = False) -> DnsService:
     """Bind UDP and TCP on ``config.listen`` in the running loop and start answering.
 
+    :param udp_thread: read UDP in a thread of its own (:class:`~.udp.ThreadListener`); only
+        for a process that does not drop capabilities later, since the thread would keep them.
     :raises ListenError: the address cannot be bound; the message says what to change.
     """
     service = DnsService(config)
-    await service._open()
+    await service._open(udp_thread)
     host, port = service.address
     log.info(
         "dns stub ready on %s port %d (udp+tcp), upstreams %s, hosts %s",
