@@ -506,6 +506,31 @@ def test_workers_share_the_address(tmp_path, upstream):
             time.sleep(0.05)
 
 
+def _pids_logging(stub, text):
+    return {
+        line.split("[")[1].split("]")[0]
+        for line in stub.log.read_text().splitlines()
+        if text in line
+    }
+
+
+def test_workers_all_get_sigusr1_and_sighup(tmp_path, upstream):
+    with run_stub(tmp_path, [upstream.address], workers=2) as stub:
+        deadline = time.monotonic() + 10
+        while len(_pids_logging(stub, "dns stub ready on")) < 2:
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
+        workers = _pids_logging(stub, "dns stub ready on")
+        for signum, text in ((signal.SIGUSR1, "dns stats:"), (signal.SIGHUP, "dns cache flushed")):
+            os.kill(stub.proc.pid, signum)
+            deadline = time.monotonic() + 10
+            while _pids_logging(stub, text) != workers:
+                assert time.monotonic() < deadline, stub.log.read_text()
+                time.sleep(0.05)
+        assert short(stub, "a.test") == ["192.0.2.1"]  # both still serving
+        assert stub.alive()
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/stat") as stat:
