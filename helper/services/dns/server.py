@@ -72,7 +72,7 @@ class DnsService:
             counters.queries += replayed
             counters.udp_queries += replayed
             counters.cache_hits += replayed
-            counters.dropped += self._udp.unsent
+            counters.dropped += self._udp.dropped
         return DnsStats.snapshot(
             counters,
             cache_entries=len(self.resolver.cache),

@@ -28,7 +28,13 @@ import time
 
 from .resolver import Resolver
 
-__all__ = ["MAX_BATCH", "MAX_PENDING_QUERIES", "SelectorListener", "ThreadListener"]
+__all__ = [
+    "MAX_BATCH",
+    "MAX_HANDOVER_BYTES",
+    "MAX_PENDING_QUERIES",
+    "SelectorListener",
+    "ThreadListener",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,13 @@ MAX_PENDING_QUERIES = 2048
 
 MAX_BATCH = 64
 """Datagrams read per wakeup of :class:`SelectorListener` before the loop runs other callbacks."""
+
+MAX_HANDOVER_BYTES = 1 << 20
+"""Bytes of datagrams :class:`ThreadListener` may have handed to the loop and not yet seen
+taken; past it, new ones are dropped (counted)."""
+
+HANDOVER_OVERHEAD = 256
+"""Bytes counted per handed-over datagram on top of its size (the callback and its objects)."""
 
 MAX_DATAGRAM = 65535
 """Size of the receive buffer: every UDP datagram fits whole."""
@@ -61,8 +74,9 @@ class SelectorListener:
         self.address: tuple[str, int] = sock.getsockname()[:2]
         self.replayed = 0
         """Queries answered by :meth:`AnswerCache.replay` (not in the resolver's counters)."""
-        self.unsent = 0
-        """Replays the kernel did not take (not in the resolver's counters)."""
+        self.dropped = 0
+        """Datagrams the reading side dropped (not in the resolver's counters): replays the
+        kernel did not take and, in :class:`ThreadListener`, queries past the handover bound."""
         self._buffer = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
 
@@ -94,7 +108,7 @@ class SelectorListener:
                 if reply is not None:
                     replayed += 1
                     if not self._send(reply, addr):
-                        self.unsent += 1
+                        self.dropped += 1
                 else:
                     self.answer(data, addr)
         except OSError as exc:
@@ -152,8 +166,10 @@ class ThreadListener(SelectorListener):
 
     Same parameters as :class:`SelectorListener`.  The thread touches only the cache's replay
     (safe against the loop's changes, see :meth:`AnswerCache.replay`), the socket and its own
-    :attr:`replayed` and :attr:`unsent` counts; only the loop thread changes the resolver's
-    counters.
+    counts (:attr:`replayed`, :attr:`dropped`, bytes handed over); only the loop thread changes
+    the resolver's counters.  Datagrams handed to the loop and not yet taken are bounded by
+    :data:`MAX_HANDOVER_BYTES`; past it they are dropped, as the kernel drops datagrams when
+    the selector listener's socket buffer is full.
     """
 
     def __init__(
@@ -162,6 +178,8 @@ class ThreadListener(SelectorListener):
         super().__init__(sock, resolver, tasks)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._handed_bytes = 0  # written by the thread only
+        self._taken_bytes = 0  # written by the loop only
 
     def start(self) -> None:
         self.sock.setblocking(True)
@@ -187,7 +205,7 @@ class ThreadListener(SelectorListener):
             try:
                 size, addr = recv_into(buffer)
             except OSError as exc:
-                if self._stopping:
+                if self._stopping or self.sock.fileno() < 0:
                     return
                 log.debug("udp listener: %s", exc)
                 continue
@@ -202,9 +220,18 @@ class ThreadListener(SelectorListener):
             if reply is not None:
                 self.replayed += 1
                 if not self._send(reply, addr):
-                    self.unsent += 1
+                    self.dropped += 1
                 continue
+            cost = size + HANDOVER_OVERHEAD
+            if self._handed_bytes - self._taken_bytes + cost > MAX_HANDOVER_BYTES:
+                self.dropped += 1
+                continue
+            self._handed_bytes += cost
             try:
-                hand_over(self.answer, data, addr)
+                hand_over(self._take, data, addr, cost)
             except RuntimeError:  # the loop is closed: shutting down
                 return
+
+    def _take(self, data: bytes, addr: Address, cost: int) -> None:
+        self._taken_bytes += cost
+        self.answer(data, addr)
