@@ -3,14 +3,15 @@
 Prints ratios (this machine is noisy; absolute numbers mislead):
 
 - dnsperf queries/s, stub / dnsmasq (goal >= 1.0), and average latency ratio, over a 50-name
-  query file, after one warm-up pass through each;
+  query file, after one warm-up pass through each (``--rounds``: alternating runs, medians);
 - ``getaddrinfo`` p50 from a jailed process through the stub vs a plain process through dnsmasq
-  (goal <= 1.0). glibc asks port 53, so both listen on port 53 of spare loopback addresses; the
-  plain process sees dnsmasq through a resolv.conf bind-mounted in its own mount namespace.
+  (goal <= 1.0), five processes each, interleaved, median.  glibc asks port 53, so both listen
+  on port 53 of spare loopback addresses; the plain process sees dnsmasq through a resolv.conf
+  bind-mounted in its own mount namespace.
 
 Every server is local: the upstream is the test suite's authoritative server for ``test.``.
 Needs root, dnsperf and dnsmasq (Debian packages dnsperf, dnsmasq-base).
-Usage: ``python bench/dns_qps.py [--seconds 30]``.
+Usage: ``python bench/dns_qps.py [--seconds 30] [--rounds 1] [--workers 2]``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,8 @@ for _ in range(300):
     samples.append(time.perf_counter() - started)
 print(json.dumps(statistics.median(samples)))
 """
+GETADDRINFO_RUNS = 5
+"""Processes per side, each timing 300 lookups; the ratio is of the medians."""
 
 
 def dnsperf(host: str, port: int, query_file: Path, seconds: int) -> tuple[float, float]:
@@ -81,6 +85,11 @@ def dnsperf(host: str, port: int, query_file: Path, seconds: int) -> tuple[float
     qps = float(re.search(r"Queries per second:\s+([\d.]+)", output).group(1))
     latency = float(re.search(r"Average Latency \(s\):\s+([\d.]+)", output).group(1)) * 1000
     return qps, latency
+
+
+def median_run(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    """Median queries/s and median average latency of several dnsperf runs."""
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 def start_dnsmasq(host: str, port: int, upstream: str, log: Path) -> subprocess.Popen[bytes]:
@@ -121,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=30, help="dnsperf duration per server")
     parser.add_argument("--workers", type=int, default=2, help="stub processes (SO_REUSEPORT)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="dnsperf runs per server, alternating; medians"
+    )
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "unshare"):
         if shutil.which(tool) is None:
@@ -148,24 +160,35 @@ def main() -> None:
             try:
                 for host in (stub_host, dnsmasq_host):
                     dnsperf(host, 53, query_file, 2)  # warm both caches
-                stub = dnsperf(stub_host, 53, query_file, args.seconds)
-                other = dnsperf(dnsmasq_host, 53, query_file, args.seconds)
+                runs: dict[str, list[tuple[float, float]]] = {stub_host: [], dnsmasq_host: []}
+                for index in range(args.rounds):  # alternate which goes first
+                    order = [stub_host, dnsmasq_host][:: 1 if index % 2 == 0 else -1]
+                    for host in order:
+                        runs[host].append(dnsperf(host, 53, query_file, args.seconds))
+                stub = median_run(runs[stub_host])
+                other = median_run(runs[dnsmasq_host])
                 enter = (
                     "import chrootwsgi; chrootwsgi.enter_jail("
                     f"{str(jail)!r}, user='nobody', nameservers=[{stub_host!r}])"
                 )
-                jailed = getaddrinfo_p50(textwrap.dedent(GETADDRINFO.format(enter=enter)))
                 resolv = work / "resolv.conf"
                 resolv.write_text(f"nameserver {dnsmasq_host}\n")
-                host_p50 = getaddrinfo_p50(GETADDRINFO.format(enter=""), resolv_conf=resolv)
+                jailed_runs, host_runs = [], []
+                for _ in range(GETADDRINFO_RUNS):  # interleaved: drifts hit both alike
+                    code = textwrap.dedent(GETADDRINFO.format(enter=enter))
+                    jailed_runs.append(getaddrinfo_p50(code))
+                    code = GETADDRINFO.format(enter="")
+                    host_runs.append(getaddrinfo_p50(code, resolv_conf=resolv))
+                jailed = statistics.median(jailed_runs)
+                host_p50 = statistics.median(host_runs)
             finally:
                 dnsmasq.terminate()
                 dnsmasq.wait()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"DNS, stub vs dnsmasq over the same local upstream ({len(NAMES)} names, "
-        f"{args.seconds} s each)"
+        f"DNS, stub ({args.workers} worker(s)) vs dnsmasq over the same local upstream "
+        f"({len(NAMES)} names, {args.rounds} x {args.seconds} s each)"
     )
     print(
         f"  dnsperf qps ratio {stub[0] / other[0]:.2f} (goal >= 1.0; {stub[0]:.0f} vs "

@@ -322,6 +322,47 @@ def test_hosts_file_edits_picked_up_and_sighup_flushes(tmp_path, upstream):
         assert len(upstream.queries("ttl.test.")) == before + 2
 
 
+def stats_fields(stub):
+    """The counters of a fresh SIGUSR1 stats line."""
+    count = stub.log.read_text().count("dns stats:")
+    os.kill(stub.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while stub.log.read_text().count("dns stats:") == count:
+        assert time.monotonic() < deadline, stub.log.read_text()
+        time.sleep(0.05)
+    line = stub.log.read_text().split("dns stats: ")[-1].splitlines()[0]
+    return dict(field.split("=") for field in line.split())
+
+
+def test_burst_of_repeated_queries_answered_and_counted(tmp_path, upstream):
+    """Many datagrams read in one wakeup, most replayed: each reply matches its own query."""
+    with run_stub(tmp_path, [upstream.address]) as stub:
+        kinds = [("a.test", "A", {}), ("A.Test", "AAAA", {}), ("mx.test", "MX", {"use_edns": 0})]
+        for name, rdtype, extra in kinds:  # misses, then fast-path hits that are remembered
+            for _ in range(2):
+                assert stub.query(name, rdtype, **extra).rcode() == dns.rcode.NOERROR
+        sent = {}
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.settimeout(5)
+            for index in range(120):
+                name, rdtype, extra = kinds[index % len(kinds)]
+                query = dns.message.make_query(name, rdtype, id=index, **extra)
+                sent[index] = query
+                sock.sendto(query.to_wire(), (stub.host, stub.port))
+            replies = [dns.message.from_wire(sock.recvfrom(4096)[0]) for _ in sent]
+        for reply in replies:
+            query = sent.pop(reply.id)
+            assert query.is_response(reply) and reply.question == query.question
+            assert reply.question[0].name.to_text() == query.question[0].name.to_text()
+            assert reply.answer[0].rdtype == query.question[0].rdtype
+            assert reply.edns == query.edns
+        assert sent == {}
+        fields = stats_fields(stub)
+    assert (fields["queries"], fields["udp"], fields["cache_hits"]) == ("126", "126", "123")
+    assert fields["cache_misses"] == "3" and fields["dropped"] == "0"
+
+
 def test_allow_and_deny_lists(tmp_path, upstream):
     with run_stub(
         tmp_path, [upstream.address], allow=["*.test", "a.test"], deny=["txt.test", "*.chain.test"]
@@ -463,6 +504,31 @@ def test_workers_share_the_address(tmp_path, upstream):
         while _running(child):
             assert time.monotonic() < deadline, f"worker {child} survived its parent"
             time.sleep(0.05)
+
+
+def _pids_logging(stub, text):
+    return {
+        line.split("[")[1].split("]")[0]
+        for line in stub.log.read_text().splitlines()
+        if text in line
+    }
+
+
+def test_workers_all_get_sigusr1_and_sighup(tmp_path, upstream):
+    with run_stub(tmp_path, [upstream.address], workers=2) as stub:
+        deadline = time.monotonic() + 10
+        while len(_pids_logging(stub, "dns stub ready on")) < 2:
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
+        workers = _pids_logging(stub, "dns stub ready on")
+        for signum, text in ((signal.SIGUSR1, "dns stats:"), (signal.SIGHUP, "dns cache flushed")):
+            os.kill(stub.proc.pid, signum)
+            deadline = time.monotonic() + 10
+            while _pids_logging(stub, text) != workers:
+                assert time.monotonic() < deadline, stub.log.read_text()
+                time.sleep(0.05)
+        assert short(stub, "a.test") == ["192.0.2.1"]  # both still serving
+        assert stub.alive()
 
 
 def _running(pid):

@@ -6,6 +6,7 @@ import struct
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rrset
 from chroot_helper.services.dns.cache import AnswerCache, make_entry, render
 from chroot_helper.services.dns.wire import (
@@ -126,3 +127,87 @@ def test_cache_expiry_and_lru():
     cache.put(b"zero", entry_for("z.test", ttl=0, now=0.0))
     assert cache.get(b"zero", 0.0) is None
     assert AnswerCache(0).get(b"x", 0.0) is None
+
+
+def remembered(cache, name="www.example.test", now=1000.0, query_id=1):
+    """Store an entry for ``name``, render a reply to a plain query and remember it."""
+    key = question_key(dns.name.from_text(name).to_wire(), 1, 1)
+    entry = cache.get(key, now) or entry_for(name, ttl=300, now=now)
+    cache.put(key, entry)
+    query = dns.message.make_query(name, "A", id=query_id).to_wire()
+    plain = parse_plain_query(query)
+    reply = render(entry, query, plain, now=now, udp_limit=1232, edns_udp_size=1232)
+    cache.remember(query, key, reply, now)
+    return key, query, reply
+
+
+def with_id(wire, query_id):
+    return struct.pack("!H", query_id) + wire[2:]
+
+
+def test_replay_answers_same_bytes_with_the_new_id_while_ttls_hold():
+    cache = AnswerCache(10)
+    _key, query, reply = remembered(cache, now=1000.0)
+    again = with_id(query, 4242)
+    assert cache.replay(again, 1000.9) == with_id(reply, 4242)
+    # One second older: the TTLs shown change, so the reply is rendered again.
+    assert cache.replay(again, 1001.0) is None
+    assert cache.replay(again, 1000.5) is None  # and it was forgotten
+
+
+def test_replay_needs_identical_query_bytes():
+    cache = AnswerCache(10)
+    _key, query, _reply = remembered(cache)
+    upper = dns.message.make_query("WWW.example.test", "A", id=1).to_wire()
+    no_rd = bytearray(query)
+    no_rd[2] &= ~0x01
+    edns = dns.message.make_query("www.example.test", "A", id=1, use_edns=0).to_wire()
+    for other in (upper, bytes(no_rd), edns):
+        assert cache.replay(other, 1000.0) is None
+
+
+def test_replay_stops_when_the_entry_is_gone_or_replaced():
+    cache = AnswerCache(1)
+    key, query, _reply = remembered(cache, "a.test")
+    remembered(cache, "b.test")  # evicts a.test
+    assert cache.replay(query, 1000.0) is None
+    key, query, _reply = remembered(cache, "a.test")
+    cache.put(key, entry_for("a.test", ttl=300, now=1000.0))  # a fresh entry, same question
+    assert cache.replay(query, 1000.0) is None
+    key, query, _reply = remembered(cache, "a.test")
+    cache.clear()
+    assert cache.replay(query, 1000.0) is None
+
+
+def test_replay_stops_at_expiry_and_keeps_lru_order():
+    cache = AnswerCache(2)
+    key_a, query_a, _ = remembered(cache, "a.test", now=0.0)
+    remembered(cache, "b.test", now=0.0)
+    assert cache.replay(query_a, 0.5) is not None  # a.test is now the most recently used
+    remembered(cache, "c.test", now=0.5)  # evicts b.test, not a.test
+    assert cache.get(key_a, 0.5) is not None
+    expiring = AnswerCache(2)
+    key, query, reply = remembered(expiring, "d.test", now=0.0)
+    expiring.put(key, entry_for("d.test", ttl=1, now=0.0))
+    expiring.remember(query, key, reply, 0.0)
+    assert expiring.replay(query, 0.99) is not None
+    assert expiring.replay(query, 1.0) is None
+
+
+def test_remember_is_bounded_and_needs_a_cached_entry():
+    cache = AnswerCache(1)
+    query = dns.message.make_query("x.test", "A").to_wire()
+    cache.remember(query, b"missing", query, 0.0)
+    assert cache.replay(query, 0.0) is None
+    key, _query, _reply = remembered(cache, "y.test", now=0.0)
+    for index in range(5):
+        spelled = dns.message.make_query("Y.TEST"[:index] + "y.test"[index:], "A").to_wire()
+        entry = cache.get(key, 0.0)
+        plain = parse_plain_query(spelled)
+        cache.remember(
+            spelled,
+            key,
+            render(entry, spelled, plain, now=0.0, udp_limit=1232, edns_udp_size=1232),
+            0.0,
+        )
+    assert len(cache._rendered) <= 2

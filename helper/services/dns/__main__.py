@@ -3,8 +3,9 @@
 Reads the ``[dns]`` table of the TOML file, starts the service, logs
 ``dns stub ready on HOST port PORT`` to stderr, and runs until SIGTERM or SIGINT.  SIGUSR1 logs
 a stats line; one more is logged at exit.  SIGHUP flushes the cache and re-reads the hosts
-file.  With ``workers > 1`` the process forks that many
-workers in all, sharing the address through ``SO_REUSEPORT``; SIGTERM to the parent stops them.
+file.  With ``workers > 1`` the process forks that many workers in all, sharing the address
+through ``SO_REUSEPORT``, each with its own cache and counters; SIGTERM to the parent stops
+them, SIGUSR1 and SIGHUP to the parent reach every worker (one stats line per worker).
 
 Exit codes: 0 stopped by a signal, 2 bad command line, 71 cannot bind, 78 bad configuration.
 """
@@ -13,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from ...errors import ConfigError, ListenError
 from ..standalone import die_with_parent, read_table
@@ -31,27 +33,37 @@ EXIT_OK = 0
 EXIT_LISTEN = 71
 EXIT_CONFIG = 78
 
+PASSED_ON = (signal.SIGUSR1, signal.SIGHUP)
+"""Signals the parent of several workers passes on to the others."""
+
 
 def load_config(path: str) -> DnsConfig:
     """The validated ``[dns]`` table of the TOML file at ``path``."""
     return parse_config(read_table(path, "dns"))
 
 
-async def serve(config: DnsConfig) -> int:
-    """Run one worker until SIGTERM/SIGINT; return the exit code."""
+async def serve(config: DnsConfig, children: Sequence[int] = ()) -> int:
+    """Run one worker until SIGTERM/SIGINT; return the exit code.
+
+    :param children: the other workers, when this is their parent: SIGUSR1 and SIGHUP are
+        passed on to them, so every worker logs its stats or flushes its own cache.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        service = await start(config)
+        service = await start(config, udp_thread=True)
     except ListenError as exc:
         log.error("%s", exc)
         return EXIT_LISTEN
-    loop.add_signal_handler(
-        signal.SIGUSR1, lambda: log.info("dns stats: %s", format_stats(service.stats()))
-    )
-    loop.add_signal_handler(signal.SIGHUP, service.flush)
+
+    def log_stats() -> None:
+        log.info("dns stats: %s", format_stats(service.stats()))
+
+    actions = {signal.SIGUSR1: log_stats, signal.SIGHUP: service.flush}
+    for signum in PASSED_ON:
+        loop.add_signal_handler(signum, _and_pass_on, actions[signum], signum, children)
     try:
         await stop.wait()
     finally:
@@ -59,6 +71,13 @@ async def serve(config: DnsConfig) -> int:
         await service.close()
         log.info("dns stub stopped")
     return EXIT_OK
+
+
+def _and_pass_on(action: Callable[[], None], signum: int, children: Sequence[int]) -> None:
+    action()
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
 
 
 def _run_workers(config: DnsConfig) -> int:
@@ -69,12 +88,14 @@ def _run_workers(config: DnsConfig) -> int:
         if pid == 0:
             code = EXIT_LISTEN
             try:
+                for signum in PASSED_ON:  # until serve() handles them: not fatal meanwhile
+                    signal.signal(signum, signal.SIG_IGN)
                 die_with_parent(parent)
                 code = asyncio.run(serve(config))
             finally:
                 os._exit(code)
         children.append(pid)
-    code = asyncio.run(serve(config))
+    code = asyncio.run(serve(config, children))
     for pid in children:
         try:
             os.kill(pid, signal.SIGTERM)

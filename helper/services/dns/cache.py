@@ -7,13 +7,21 @@ caller (``time.monotonic()``), so this module does no I/O and is tested with pla
 
 Positive and negative (RFC 2308) answers share the table; an entry lives until its smallest TTL
 runs out, and the TTLs it shows count down with its age.
+
+On top of that, :meth:`AnswerCache.remember` keeps each rendered UDP reply under the raw bytes
+of the query that asked for it, ID excluded.  The same query bytes again (the usual case: the
+same client library asking the same names) are answered by :meth:`AnswerCache.replay` with the
+new ID and the stored reply, without parsing or rendering, as long as the entry it was rendered
+from is still the cached one and its age in whole seconds (hence every TTL shown) is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import struct
 from collections import OrderedDict
+from typing import NamedTuple
 
 from .wire import (
     FLAG_RD,
@@ -106,15 +114,26 @@ def render(
     return response
 
 
+class _Rendered(NamedTuple):
+    """A reply rendered from ``entry`` when it was ``age`` whole seconds old, ID stripped."""
+
+    tail: bytes
+    key: bytes
+    entry: CacheEntry
+    age: int
+
+
 class AnswerCache:
     """A bounded least-recently-used map from question key to :class:`CacheEntry`.
 
-    :param max_entries: entries kept; 0 disables caching.
+    :param max_entries: entries kept; 0 disables caching.  At most twice as many rendered
+        replies are remembered (different spellings or EDNS sizes of one question).
     """
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        self._rendered: dict[bytes, _Rendered] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -142,3 +161,41 @@ class AnswerCache:
     def clear(self) -> None:
         """Forget every entry."""
         self._entries.clear()
+        self._rendered.clear()
+
+    def remember(self, query: bytes, key: bytes, reply: bytes, now: float) -> None:
+        """Keep ``reply``, rendered at ``now`` from the entry under ``key``, for :meth:`replay`.
+
+        Only for replies whose bytes depend on nothing but the query's bytes (its ID aside),
+        the entry and the entry's age: UDP replies, not truncated.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        rendered = self._rendered
+        if len(rendered) >= 2 * self.max_entries:
+            rendered.clear()
+        rendered[query[2:]] = _Rendered(reply[2:], key, entry, int(now - entry.stored_at))
+
+    def replay(self, query: bytes, now: float) -> bytes | None:
+        """The remembered reply to the same query bytes with this query's ID, or ``None``.
+
+        Safe to call from a thread other than the one changing the cache: each step is one
+        dictionary operation, and a reply whose entry goes away meanwhile is one that raced
+        with the change, as if the query had come a moment earlier.
+        """
+        rest = query[2:]
+        found = self._rendered.get(rest)
+        if found is None:
+            return None
+        entry = found.entry
+        if (
+            entry.expires_at <= now
+            or int(now - entry.stored_at) != found.age
+            or self._entries.get(found.key) is not entry
+        ):
+            self._rendered.pop(rest, None)
+            return None
+        with contextlib.suppress(KeyError):  # evicted since the line above
+            self._entries.move_to_end(found.key)
+        return query[:2] + found.tail

@@ -148,12 +148,17 @@ class Resolver:
     # -- fast path ----------------------------------------------------------------------------
 
     def answer_fast(self, data: bytes, peer: object, *, udp: bool) -> bytes | None:
-        """The cached answer to a plain query, or ``None`` to take the slow path."""
+        """The cached answer to a plain query, or ``None`` to take the slow path.
+
+        A UDP answer is also remembered for :meth:`AnswerCache.replay` (unless truncated or
+        ``log_queries`` is on, which wants every query to come through here).
+        """
         plain = parse_plain_query(data)
         if plain is None:
             return None
         now = time.monotonic()
-        entry = self.cache.get(plain.key, now)
+        cache = self.cache
+        entry = cache.get(plain.key, now)
         if entry is None:
             return None
         counters = self.counters
@@ -166,6 +171,8 @@ class Resolver:
         response = self._render(entry, data, plain, now, udp)
         if self.config.log_queries:
             self._log_query(peer, data, response, "cache")
+        elif udp and not response[2] & (FLAG_TC >> 8):
+            cache.remember(data, plain.key, response, now)
         return response
 
     def _render(

@@ -1,10 +1,9 @@
 """UDP and TCP listeners of the DNS stub, in the running asyncio loop.
 
 :func:`start` binds both listeners (so a taken address fails at start, with a message saying
-what to change) and returns a :class:`DnsService`.  Each datagram is first offered to the
-resolver's synchronous fast path and answered in the same callback on a cache hit; otherwise a
-task takes the slow path.  TCP connections may send several length-prefixed queries; each gets
-``tcp_idle_timeout`` to arrive.
+what to change) and returns a :class:`DnsService`.  UDP is read by a listener of :mod:`.udp`
+(from the loop's selector, or in a thread of its own for the standalone runner).  TCP
+connections may send several length-prefixed queries; each gets ``tcp_idle_timeout`` to arrive.
 
 With ``workers > 1`` the sockets set ``SO_REUSEPORT`` so that several processes (see
 ``python -m chroot_helper.services.dns``) share the address and the kernel spreads queries
@@ -22,66 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import socket
 import struct
 import time
-from typing import cast
 
 from ...errors import ListenError
 from .config import DnsConfig
 from .resolver import Resolver
 from .stats import Counters, DnsStats, format_stats
+from .udp import SelectorListener, ThreadListener
 
-__all__ = ["MAX_PENDING_QUERIES", "DnsService", "start"]
+__all__ = ["DnsService", "start"]
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_QUERIES = 2048
-"""Slow-path UDP queries in progress at once; beyond this new ones are dropped (counted)."""
-
-
-class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, service: DnsService) -> None:
-        self.service = service
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        service = self.service
-        try:
-            reply = service.resolver.answer_fast(data, addr, udp=True)
-        except Exception:
-            log.exception("%r: fast path failed; trying the slow path", addr)
-            reply = None
-        if reply is not None:
-            self._send(reply, addr)
-            return
-        if len(service.tasks) >= MAX_PENDING_QUERIES:
-            service.counters.dropped += 1
-            return
-        task = asyncio.get_running_loop().create_task(self._slow(data, addr))
-        service.tasks.add(task)
-        task.add_done_callback(service.tasks.discard)
-
-    async def _slow(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        try:
-            reply = await self.service.resolver.answer(data, addr, udp=True)
-        except Exception:
-            log.exception("%r: query failed", addr)
-            return
-        if reply is not None:
-            self._send(reply, addr)
-
-    def _send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp listener: %s", exc)
 
 
 class DnsService:
@@ -96,7 +51,7 @@ class DnsService:
         self.resolver = Resolver(config, self.counters)
         self.tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: SelectorListener | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self._stats_task: asyncio.Task[None] | None = None
@@ -106,13 +61,20 @@ class DnsService:
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the port is the real one when ``listen`` asked for 0."""
         assert self._udp is not None
-        sockname = self._udp.get_extra_info("sockname")
+        sockname = self._udp.address
         return str(sockname[0]), int(sockname[1])
 
     def stats(self) -> DnsStats:
         """A snapshot of the counters."""
+        counters = dataclasses.replace(self.counters)
+        if self._udp is not None:
+            replayed = self._udp.replayed
+            counters.queries += replayed
+            counters.udp_queries += replayed
+            counters.cache_hits += replayed
+            counters.dropped += self._udp.dropped
         return DnsStats.snapshot(
-            self.counters,
+            counters,
             cache_entries=len(self.resolver.cache),
             uptime=time.monotonic() - self._started,
         )
@@ -136,10 +98,9 @@ class DnsService:
         except OSError as exc:
             sock.close()
             raise ListenError(_bind_message(config, exc)) from exc
-        sock.setblocking(False)
         return sock
 
-    async def _open(self) -> None:
+    async def _open(self, udp_thread: bool) -> None:
         loop = asyncio.get_running_loop()
         udp_sock = self._socket(socket.SOCK_DGRAM, self.config.listen.port)
         port = udp_sock.getsockname()[1]
@@ -148,22 +109,16 @@ class DnsService:
         except ListenError:
             udp_sock.close()
             raise
-        try:
-            transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpListener(self), sock=udp_sock
-            )
-        except BaseException:
-            udp_sock.close()
-            tcp_sock.close()
-            raise
-        self._udp = transport
+        listener = ThreadListener if udp_thread else SelectorListener
+        self._udp = listener(udp_sock, self.resolver, self.tasks)
+        self._udp.start()
         try:
             self._tcp = await asyncio.start_server(
                 self._serve_tcp, sock=tcp_sock, backlog=self.config.max_tcp_clients
             )
         except BaseException:
             tcp_sock.close()
-            transport.close()
+            self._udp.close()
             raise
         if self.config.stats_interval > 0:
             self._stats_task = loop.create_task(self._log_stats())
@@ -248,13 +203,15 @@ def _bind_message(config: DnsConfig, exc: OSError) -> str:
     return f"{where}: cannot bind ({exc.strerror})"
 
 
-async def start(config: DnsConfig) -> DnsService:
+async def start(config: DnsConfig, *, udp_thread: bool = False) -> DnsService:
     """Bind UDP and TCP on ``config.listen`` in the running loop and start answering.
 
+    :param udp_thread: read UDP in a thread of its own (:class:`~.udp.ThreadListener`); only
+        for a process that does not drop capabilities later, since the thread would keep them.
     :raises ListenError: the address cannot be bound; the message says what to change.
     """
     service = DnsService(config)
-    await service._open()
+    await service._open(udp_thread)
     host, port = service.address
     log.info(
         "dns stub ready on %s port %d (udp+tcp), upstreams %s, hosts %s",
