@@ -27,7 +27,6 @@ import logging
 import socket
 import struct
 import time
-from typing import cast
 
 from ...errors import ListenError
 from .config import DnsConfig
@@ -41,14 +40,44 @@ log = logging.getLogger(__name__)
 MAX_PENDING_QUERIES = 2048
 """Slow-path UDP queries in progress at once; beyond this new ones are dropped (counted)."""
 
+UDP_RECEIVE_BUFFER = 4 << 20
+"""Bytes the kernel may queue for the UDP socket: about half a second of a 10,000/s flood, so a
+stub that is briefly off the CPU does not lose real queries behind junk.  Above
+``net.core.rmem_max`` only when the stub starts as root (``SO_RCVBUFFORCE``)."""
 
-class _UdpListener(asyncio.DatagramProtocol):
-    def __init__(self, service: DnsService) -> None:
+
+READ_BATCH = 64
+"""Datagrams read per wake-up of the loop: a flood costs one epoll round per batch, not per
+datagram."""
+
+
+class _UdpListener:
+    """Reads the UDP socket in batches of up to :data:`READ_BATCH` and answers each datagram."""
+
+    def __init__(self, service: DnsService, sock: socket.socket) -> None:
         self.service = service
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._read_ready)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _read_ready(self) -> None:
+        recvfrom = self.sock.recvfrom
+        for _ in range(READ_BATCH):
+            try:
+                data, addr = recvfrom(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("udp listener: %s", exc)
+                return
+            self.datagram_received(data, addr)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._loop.remove_reader(self.sock.fileno())
+            self.sock.close()
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         service = self.service
@@ -60,7 +89,14 @@ class _UdpListener(asyncio.DatagramProtocol):
         if reply is not None:
             self._send(reply, addr)
             return
-        if len(service.tasks) >= MAX_PENDING_QUERIES:
+        settled, reply = service.resolver.answer_junk(data, udp=True)
+        if settled:
+            if reply is not None:
+                self._send(reply, addr)
+            return
+        if len(service.tasks) >= MAX_PENDING_QUERIES or service.resolver.crowded(data):
+            service.counters.queries += 1
+            service.counters.udp_queries += 1
             service.counters.dropped += 1
             return
         task = asyncio.get_running_loop().create_task(self._slow(data, addr))
@@ -77,11 +113,14 @@ class _UdpListener(asyncio.DatagramProtocol):
             self._send(reply, addr)
 
     def _send(self, reply: bytes, addr: tuple[str | int, ...]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.sendto(reply, addr)
-
-    def error_received(self, exc: Exception) -> None:
-        log.debug("udp listener: %s", exc)
+        if self.closed:
+            return
+        try:
+            self.sock.sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.service.counters.dropped += 1  # the send queue is full; the client retries
+        except OSError as exc:
+            log.debug("udp listener: sendto %r: %s", addr, exc)
 
 
 class DnsService:
@@ -96,7 +135,7 @@ class DnsService:
         self.resolver = Resolver(config, self.counters)
         self.tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _UdpListener | None = None
         self._tcp: asyncio.Server | None = None
         self._tcp_writers: set[asyncio.StreamWriter] = set()
         self._stats_task: asyncio.Task[None] | None = None
@@ -106,7 +145,7 @@ class DnsService:
     def address(self) -> tuple[str, int]:
         """The bound (host, port); the port is the real one when ``listen`` asked for 0."""
         assert self._udp is not None
-        sockname = self._udp.get_extra_info("sockname")
+        sockname = self._udp.sock.getsockname()
         return str(sockname[0]), int(sockname[1])
 
     def stats(self) -> DnsStats:
@@ -142,28 +181,21 @@ class DnsService:
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
         udp_sock = self._socket(socket.SOCK_DGRAM, self.config.listen.port)
+        _grow_receive_buffer(udp_sock)
         port = udp_sock.getsockname()[1]
         try:
             tcp_sock = self._socket(socket.SOCK_STREAM, port)
         except ListenError:
             udp_sock.close()
             raise
-        try:
-            transport, _protocol = await loop.create_datagram_endpoint(
-                lambda: _UdpListener(self), sock=udp_sock
-            )
-        except BaseException:
-            udp_sock.close()
-            tcp_sock.close()
-            raise
-        self._udp = transport
+        self._udp = _UdpListener(self, udp_sock)
         try:
             self._tcp = await asyncio.start_server(
                 self._serve_tcp, sock=tcp_sock, backlog=self.config.max_tcp_clients
             )
         except BaseException:
             tcp_sock.close()
-            transport.close()
+            self._udp.close()
             raise
         if self.config.stats_interval > 0:
             self._stats_task = loop.create_task(self._log_stats())
@@ -232,6 +264,20 @@ class DnsService:
             await self._tcp.wait_closed()
         # Let transports run their connection_lost callbacks before the loop goes away.
         await asyncio.sleep(0)
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, UDP_RECEIVE_BUFFER)
+        except OSError:
+            continue
+        break
+    # The kernel doubles the value for its bookkeeping; report what the queue may hold.
+    size = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2
+    log.info("dns udp receive buffer: %d KiB", size >> 10)
 
 
 def _bind_message(config: DnsConfig, exc: OSError) -> str:
