@@ -11,7 +11,7 @@ Do not use this for connections that may come from another host: there, the uid 
 Example::
 
     conn, _ = listener.accept()
-    uid = loopback_peer_uid(conn)   # None when the kernel does not know the other end
+    uid = loopback_peer_uid(conn)   # None when no process holds the other end (any more)
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ _NLMSGHDR: Final = struct.Struct("=IHHII")
 _REQUEST: Final = struct.Struct("=BBBBI")
 _PORTS: Final = struct.Struct("!HH")
 _TAIL: Final = struct.Struct("=III")
-# inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue, uid.
+# inet_diag_msg: family, state, timer, retrans, sockid (48 bytes), expires, rqueue, wqueue, uid,
+# inode.
 _UID_OFFSET: Final = _NLMSGHDR.size + 4 + 48 + 12
+_OWNER: Final = struct.Struct("=II")
 
 
 def _address(family: int, host: str) -> bytes:
@@ -68,10 +70,12 @@ def loopback_peer_uid(sock: socket.socket) -> int | None:
             reply = nl.recv(8192)
     except (OSError, ValueError):
         return None
-    if len(reply) < _UID_OFFSET + 4:
+    if len(reply) < _UID_OFFSET + _OWNER.size:
         return None
     _length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(reply)
     if kind != _SOCK_DIAG_BY_FAMILY:
         return None
-    uid: int = struct.unpack_from("=I", reply, _UID_OFFSET)[0]
-    return uid
+    uid, inode = _OWNER.unpack_from(reply, _UID_OFFSET)
+    # A client that already closed its socket leaves it orphaned or in TIME_WAIT, reported with
+    # no inode and (TIME_WAIT) uid 0: no process owns it, so its uid means nothing.
+    return int(uid) if inode else None

@@ -38,3 +38,17 @@ def test_unknown_ends_give_none() -> None:
     left, right = socket.socketpair()
     with left, right:
         assert loopback_peer_uid(left) is None
+
+
+def test_a_client_that_already_closed_has_no_owner() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        code = (
+            "import socket; s = socket.create_connection(('127.0.0.1', "
+            f"{listener.getsockname()[1]})); s.close()"
+        )
+        subprocess.run([sys.executable, "-c", code], user=33, group=33, extra_groups=[], check=True)
+        conn, _ = listener.accept()
+        with conn:
+            assert loopback_peer_uid(conn) is None  # not 0, which TIME_WAIT sockets report

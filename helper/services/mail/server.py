@@ -283,8 +283,9 @@ class MailService:
         limit = self.config.max_per_client
         if self._per_client[owner] >= limit:
             log.warning(
-                "%s: %d connections from this client (mail.max_per_client = %d); answering 421",
+                "%s: %s has %d connections (mail.max_per_client = %d); answering 421",
                 connection.client,
+                " ".join(map(str, owner)) if isinstance(owner, tuple) else owner,
                 self._per_client[owner],
                 limit,
             )
