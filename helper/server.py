@@ -124,7 +124,7 @@ class Peer:
         client host."""
         if self.transport == "unix":
             return f"uid:{self.uid}"
-        return "tcp:" + self.address.rsplit(":", 1)[0]
+        return "tcp host " + self.address.rsplit(":", 1)[0]
 
     def __str__(self) -> str:
         if self.transport == "unix":
