@@ -133,14 +133,18 @@ def fuzz_table() -> list[str]:
         "| fuzz target | executions | crashes | hangs | corpus | canary |",
         "|---|---|---|---|---|---|",
     ]
+    totals = [0, 0, 0]
     for name, t in sorted(targets.items()):
         if not isinstance(t, dict) or "executions" not in t:
             continue
+        for index, key in enumerate(("executions", "crashes", "hangs")):
+            totals[index] += int(t.get(key) or 0)
         canary = "ok" if t.get("canary_ok") and not t.get("canary_failed") else "FAILED"
         rows.append(
             f"| {name} | {t['executions']} | {t.get('crashes', '?')} | {t.get('hangs', '?')} | "
             f"{t.get('corpus', '?')} | {canary} |"
         )
+    rows.append(f"| **all targets** | {totals[0]} | {totals[1]} | {totals[2]} | | |")
     return rows
 
 
