@@ -152,6 +152,14 @@ class Resolver:
         self._waiters: dict[bytes, int] = {}
         self._udp_limit = config.edns_udp_size
 
+    def _count(self, udp: bool) -> None:
+        counters = self.counters
+        counters.queries += 1
+        if udp:
+            counters.udp_queries += 1
+        else:
+            counters.tcp_queries += 1
+
     # -- fast path ----------------------------------------------------------------------------
 
     def answer_fast(self, data: bytes, peer: object, *, udp: bool) -> bytes | None:
@@ -164,11 +172,7 @@ class Resolver:
         if entry is None:
             return None
         counters = self.counters
-        counters.queries += 1
-        if udp:
-            counters.udp_queries += 1
-        else:
-            counters.tcp_queries += 1
+        self._count(udp)
         counters.cache_hits += 1
         response = self._render(entry, data, plain, now, udp)
         if self.config.log_queries:
@@ -187,11 +191,7 @@ class Resolver:
             if not flags & FLAG_QR and (qdcount == 1 or flags & OPCODE_MASK):
                 return False, None
         counters = self.counters
-        counters.queries += 1
-        if udp:
-            counters.udp_queries += 1
-        else:
-            counters.tcp_queries += 1
+        self._count(udp)
         reply = _formerr_from_header(data)
         if reply is None:
             counters.dropped += 1
@@ -227,11 +227,7 @@ class Resolver:
     async def answer(self, data: bytes, peer: object, *, udp: bool) -> bytes | None:
         """The response to any packet, or ``None`` to drop it silently."""
         counters = self.counters
-        counters.queries += 1
-        if udp:
-            counters.udp_queries += 1
-        else:
-            counters.tcp_queries += 1
+        self._count(udp)
         try:
             query = dns.message.from_wire(data)
         except dns.message.ShortHeader:
