@@ -11,7 +11,8 @@ INSTALLED := $(VENV)/.installed
 DEMO_PACKAGES := apache2 apache2-dev python3.11 python3.11-dev python3.11-venv libpython3.11 \
 	build-essential ca-certificates tzdata
 
-.PHONY: venv install test test-docker lint fmt bench fuzz demo demo-stop system-packages clean
+.PHONY: venv install test test-docker lint fmt bench fuzz demo demo-stop system-packages clean \
+	security-report
 
 # Debian's python3.11 has a shared libpython, which mod_wsgi needs; pyenv builds usually do not.
 $(BIN)/python:
@@ -37,6 +38,11 @@ test: install
 # Builds docker/Dockerfile with podman and runs the stack (minutes on a cold cache).
 test-docker: install
 	$(BIN)/pytest -m docker $(PYTEST_ARGS)
+
+# Escape battery, fail-closed, seccomp, kill -9 and load tests (as root), then a Markdown table of
+# what they measured (and build/fuzz-report.json when `make fuzz` wrote one); non-zero on failure.
+security-report: install
+	$(BIN)/python tests/security/report.py $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -54,6 +54,7 @@ def _ensure_std_fds() -> None:
 
 def _serve(config_path: str, log_level: str) -> int:
     from .config import load_config
+    from .privileges import raise_open_files_limit
     from .server import load_services, serve
 
     logging.basicConfig(
@@ -65,6 +66,7 @@ def _serve(config_path: str, log_level: str) -> int:
         # aiosmtpd logs every SMTP command, addresses included, at INFO: keep it for DEBUG.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
     _ensure_std_fds()
+    log.info("open files limit: %d", raise_open_files_limit())
     try:
         config = load_config(config_path)
         services = load_services(config)

@@ -127,6 +127,9 @@ class HelperConfig:
     :param max_concurrent: requests running at once, all peers together.
     :param max_per_peer: requests running at once for one peer process (or TCP client address).
     :param max_connections: open connections at once; later ones are refused.
+    :param max_idle_per_uid: connections of one peer uid (all its processes together) that have
+        not sent their request yet; a slow or stalled client of one uid cannot fill
+        ``max_connections`` for the others (default 64, at most half of ``max_connections``).
     :param request_timeout: seconds a new connection has to send its request.
     :param commands: the ``[exec.*]`` tables by name.
     :param service_tables: raw tables of other services (``dns``, ``mail``), unvalidated.
@@ -143,6 +146,7 @@ class HelperConfig:
     max_concurrent: int = 64
     max_per_peer: int = 16
     max_connections: int = 256
+    max_idle_per_uid: int = 64
     request_timeout: float = 10.0
     commands: Mapping[str, CommandConfig] = field(default_factory=dict)
     service_tables: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
@@ -289,6 +293,7 @@ _HELPER_KEYS = frozenset(
         "max_concurrent",
         "max_per_peer",
         "max_connections",
+        "max_idle_per_uid",
         "request_timeout",
     }
 )
@@ -403,7 +408,16 @@ def _parse_helper(table: _Table) -> dict[str, object]:
         raise ConfigError('[helper] token_file is set but tcp is not: add tcp = "127.0.0.1:7070"')
     out["max_concurrent"] = table.int_("max_concurrent", 64)
     out["max_per_peer"] = table.int_("max_per_peer", 16)
-    out["max_connections"] = table.int_("max_connections", 256)
+    max_connections = table.int_("max_connections", 256)
+    max_idle_per_uid = table.int_("max_idle_per_uid", min(64, max(1, max_connections // 2)))
+    if max_idle_per_uid >= max_connections and max_connections > 1:
+        raise ConfigError(
+            f"[helper] max_idle_per_uid = {max_idle_per_uid} must be below max_connections = "
+            f"{max_connections}, or one uid's idle connections can lock every other peer out; "
+            "lower it"
+        )
+    out["max_connections"] = max_connections
+    out["max_idle_per_uid"] = max_idle_per_uid
     out["request_timeout"] = table.seconds("request_timeout", 10.0)
     table.check_unknown(_HELPER_KEYS)
     return out

@@ -11,6 +11,9 @@ bounding sets, so neither the daemon nor anything it starts can get it back, eve
 configured with ``user = "root"``.
 
 Does nothing when the daemon is not root.
+
+:func:`raise_open_files_limit` lifts the soft ``RLIMIT_NOFILE`` (often 1024) to the hard limit,
+so a burst of idle clients meets the connection limits, not ``EMFILE``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["CAP_SETGID", "CAP_SETUID", "CAP_SYS_ADMIN", "CAP_NET_BIND_SERVICE", "drop_capabilities"]
+__all__ = [
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SYS_ADMIN",
+    "CAP_NET_BIND_SERVICE",
+    "drop_capabilities",
+    "raise_open_files_limit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +90,19 @@ def drop_capabilities(keep: Iterable[int]) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
     log.info("kept capabilities %s; dropped the rest", sorted(wanted) or "none")
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; return the limit now in force.
+
+    Commands started by the exec service get their own ``max_open_files``, not this one.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+            return soft
+        soft = hard
+    return soft

@@ -8,7 +8,9 @@ connection carries one request (see :mod:`chroot_helper.protocol`):
 is
    read; TCP requests must carry the token.
 2. The request frame is read (within ``request_timeout``), with up to three fds beside it; a
-   peer may keep at most ``max_per_peer`` connections waiting at this step.
+   peer process may keep at most ``max_per_peer`` connections waiting at this step, and one uid
+   (all its processes) at most ``max_idle_per_uid``.  A refused connection no longer counts
+   against ``max_connections`` while it gets its error reply.
 3. The connection counts against ``max_concurrent`` and ``max_per_peer``.
 4. The request goes to the service method ``handle_<op>`` (see :class:`Service`), which talks to the
    client through a :class:`Channel`.
@@ -115,6 +117,14 @@ class Peer:
         if self.transport == "unix":
             return f"pid:{self.pid}"
         return "tcp:" + self.address.rsplit(":", 1)[0]
+
+    @property
+    def owner(self) -> str:
+        """What ``max_idle_per_uid`` counts by: the peer uid (every process it runs), or the TCP
+        client host."""
+        if self.transport == "unix":
+            return f"uid:{self.uid}"
+        return "tcp host " + self.address.rsplit(":", 1)[0]
 
     def __str__(self) -> str:
         if self.transport == "unix":
@@ -486,10 +496,48 @@ class HelperServer:
             if not self._per_peer[peer.key]:
                 del self._per_peer[peer.key]
 
+    def _check_idle(self, peer: Peer) -> None:
+        """Idle connections count per process and per uid, so no peer fills max_connections."""
+        if self._waiting[peer.key] >= self.config.max_per_peer:
+            raise BusyError(
+                f"this peer has {self._waiting[peer.key]} connections without a request, "
+                f"the limit [helper] max_per_peer = {self.config.max_per_peer}; retry later"
+            )
+        if self._waiting[peer.owner] >= self.config.max_idle_per_uid:
+            raise BusyError(
+                f"{peer.owner} has {self._waiting[peer.owner]} connections without a request, "
+                f"the limit [helper] max_idle_per_uid = {self.config.max_idle_per_uid}; "
+                "retry later"
+            )
+
+    async def _read_request(self, conn: _ServerConnection, peer: Peer) -> Event | object:
+        self._check_idle(peer)
+        keys = (peer.key, peer.owner)
+        self._waiting.update(keys)
+        try:
+            return await asyncio.wait_for(conn.next_event(), self.config.request_timeout)
+        except TimeoutError:
+            raise RemoteProtocolError(
+                f"no request within [helper] request_timeout = {self.config.request_timeout} s"
+            ) from None
+        finally:
+            self._waiting.subtract(keys)
+            for key in keys:
+                if not self._waiting[key]:
+                    del self._waiting[key]
+
     async def _serve_connection(self, sock: socket.socket, address: object) -> None:
         conn: _ServerConnection | None = None
         peer: Peer | None = None
         self._connections += 1
+        counted = True
+
+        def release() -> None:  # before an error reply: a refused client holds no slot
+            nonlocal counted
+            if counted:
+                self._connections -= 1
+                counted = False
+
         try:
             conn = _ServerConnection(sock, accept_fds=sock.family == socket.AF_UNIX)
             peer = self._peer_of(sock, address)
@@ -499,23 +547,7 @@ class HelperServer:
                     f"[helper] max_connections = {self.config.max_connections}; retry later"
                 )
             self._check_peer(peer)
-            # Idle connections count per peer too, so one peer cannot fill max_connections.
-            if self._waiting[peer.key] >= self.config.max_per_peer:
-                raise BusyError(
-                    f"this peer has {self._waiting[peer.key]} connections without a request, "
-                    f"the limit [helper] max_per_peer = {self.config.max_per_peer}; retry later"
-                )
-            self._waiting[peer.key] += 1
-            try:
-                event = await asyncio.wait_for(conn.next_event(), self.config.request_timeout)
-            except TimeoutError:
-                raise RemoteProtocolError(
-                    f"no request within [helper] request_timeout = {self.config.request_timeout} s"
-                ) from None
-            finally:
-                self._waiting[peer.key] -= 1
-                if not self._waiting[peer.key]:
-                    del self._waiting[peer.key]
+            event = await self._read_request(conn, peer)
             if event is CLOSED:
                 return
             assert isinstance(event, Request)  # the protocol allows nothing else first
@@ -544,6 +576,7 @@ class HelperServer:
                 logging.WARNING if isinstance(exc, RequestError | ProtocolError) else logging.ERROR
             )
             log.log(level, "%s: %s", peer or "peer", exc)
+            release()
             await self._send_error(conn, error_code(exc), str(exc))
         except (ConnectionError, BrokenPipeError) as exc:
             log.info("%s: connection lost (%s)", peer or "peer", exc)
@@ -551,9 +584,10 @@ class HelperServer:
             raise
         except Exception:
             log.exception("%s: internal error", peer or "peer")
+            release()
             await self._send_error(conn, "request", "internal error in chroot-helper; see its log")
         finally:
-            self._connections -= 1
+            release()
             if conn is not None:
                 _close_fds(conn.fds)
             sock.close()

@@ -49,7 +49,9 @@ def port_closed(port: int) -> bool:
     ("relay_during_crash", "workers"),
     [("up", 1), ("down", 1), ("down", 2)],
 )
-def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during_crash, workers):
+def test_kill_9_mid_submission_loses_nothing_acknowledged(
+    tmp_path, relay_during_crash, workers, record_property
+):
     with run_sink(tmp_path) as sink:
         # With the relay down every acknowledged message is still only in the spool at the kill.
         relay = sink.address if relay_during_crash == "up" else f"127.0.0.1:{free_port()}"
@@ -74,6 +76,7 @@ def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during
         finally:
             stop(service.proc)
         killed_at = len(acked)
+        record_property("acknowledged", killed_at)  # for make security-report
         assert killed_at < CONNECTIONS * PER_CONNECTION, "the kill came after the last message"
         assert errors, "no client noticed the kill"
 
@@ -93,6 +96,8 @@ def test_kill_9_mid_submission_loses_nothing_acknowledged(tmp_path, relay_during
         finally:
             stop(restarted.proc)
     duplicates = len(tokens) - len(set(tokens))
+    record_property("found_after_restart", len(wanted & set(tokens)))
+    record_property("lost", len(wanted - set(tokens)))
     print(
         f"acknowledged before the kill: {killed_at}; delivered: {len(set(tokens))}; "
         f"duplicates: {duplicates}"

@@ -97,9 +97,10 @@ def battery(request, tmp_path_factory) -> Iterator[tuple[str, bool, dict[str, di
 
 
 @pytest.mark.parametrize("attempt", ATTEMPTS)
-def test_escape_attempt(battery, attempt):
+def test_escape_attempt(battery, attempt, record_property):
     mode, seccomp, results = battery
     outcome = results[attempt]
+    record_property("blocked", outcome["ok"] is False)  # for make security-report
     if not seccomp and attempt in OPEN_WITHOUT_FILTER:
         assert outcome["ok"] is True, f"{attempt} is expected to need the filter: {outcome}"
     else:

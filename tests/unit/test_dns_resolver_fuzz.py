@@ -82,3 +82,12 @@ def test_valid_queries_answered_locally():
     reply = dns.message.from_wire(run(VALID[3], True))
     assert reply.rcode() == dns.rcode.REFUSED
     assert run(dns.message.make_response(dns.message.make_query("x", "A")).to_wire(), True) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=700), mutated()))
+def test_header_triage_settles_only_what_the_slow_path_would_settle_alike(data):
+    settled, reply = make_resolver().answer_junk(data, udp=True)
+    if settled:
+        slow = asyncio.run(make_resolver().answer(data, ("127.0.0.1", 1), udp=True))
+        assert reply == slow

@@ -96,6 +96,10 @@ BASE = {"socket": "/run/x.sock", "allow_uids": [33]}
             {"helper": dict(BASE, max_per_peer=0)},
             "[helper] max_per_peer = 0: expected an integer >= 1",
         ),
+        (
+            {"helper": dict(BASE, max_connections=100, max_idle_per_uid=100)},
+            "[helper] max_idle_per_uid = 100 must be below max_connections = 100",
+        ),
         ({"helper": BASE, "exec": {"x": {"argv": ["echo"]}}}, "[exec.x] argv = ['echo']"),
         ({"helper": BASE, "exec": {"x": {"argv": ["/nonexistent/x"]}}}, "not an executable file"),
         (
@@ -158,3 +162,9 @@ def test_error_codes_rebuild_the_same_class() -> None:
     exc = error_from_code("refused", "peer uid 1 is not allowed")
     assert type(exc) is PeerRefusedError
     assert str(exc) == "peer uid 1 is not allowed"
+
+
+def test_idle_limit_per_uid_defaults_below_the_connection_limit() -> None:
+    assert parse_config({"helper": BASE}).max_idle_per_uid == 64
+    assert parse_config({"helper": dict(BASE, max_connections=40)}).max_idle_per_uid == 20
+    assert parse_config({"helper": dict(BASE, max_idle_per_uid=8)}).max_idle_per_uid == 8

@@ -25,6 +25,8 @@ def test_defaults():
     assert config.relay is None
     assert config.allowed_senders == ("*@example.org",)
     assert config.max_size == 10 * 1024 * 1024
+    assert (config.max_connections, config.max_per_client) == (100, 20)
+    assert parse_config({"domain": "x.org", "max_connections": 5}).max_per_client == 5
     assert config.hostname == "example.org"
     assert config.sender_allowed("App@Example.org")
     assert not config.sender_allowed("app@sub.example.org")
@@ -75,6 +77,11 @@ def test_issue_example(tmp_path):
         ({"unix_mode": "rw"}, "mail.unix_mode = 'rw': expected an octal mode"),
         ({"bounce": "yes"}, "mail.bounce = 'yes': expected true or false"),
         ({"lsiten": []}, "mail.lsiten: unknown key"),
+        ({"max_per_client": 0}, "mail.max_per_client = 0: expected an integer 1-100000"),
+        (
+            {"max_connections": 10, "max_per_client": 11},
+            "mail.max_per_client = 11 is above mail.max_connections = 10",
+        ),
     ],
 )
 def test_errors_name_key_value_and_fix(table, message):

@@ -4,7 +4,8 @@ This module owns no sockets; :mod:`.server` feeds it datagrams and TCP messages.
 decisions for one query:
 
 1. **fast path** (:meth:`Resolver.answer_fast`, synchronous): a plain query whose question is
-   cached is answered by splicing; nothing is parsed beyond the header and question.
+   cached is answered by splicing; nothing is parsed beyond the header and question.  Over UDP,
+   :meth:`Resolver.answer_junk` then drops or FORMERRs what the header alone condemns.
 2. **slow path** (:meth:`Resolver.answer`): dnspython parses the packet.  Responses (QR set) and
    garbage shorter than a header are dropped; other malformed queries get FORMERR; other opcodes
    NOTIMP; zone transfers, meta types and non-IN classes REFUSED; names outside the allow/deny
@@ -44,12 +45,13 @@ from .wire import (
     FLAG_RD,
     FLAG_TC,
     HEADER_SIZE,
+    OPCODE_MASK,
     PlainQuery,
     build_opt,
     parse_plain_query,
 )
 
-__all__ = ["HOSTS_TTL", "MAX_UPSTREAM_FETCHES", "Resolver"]
+__all__ = ["HOSTS_TTL", "MAX_UPSTREAM_FETCHES", "MAX_WAITERS_PER_QUESTION", "Resolver"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ HOSTS_RECHECK = 2.0
 MAX_UPSTREAM_FETCHES = 512
 """Distinct questions forwarded at once; past this, new ones get SERVFAIL at once (each fetch
 holds a socket, so this also bounds file descriptors)."""
+
+MAX_WAITERS_PER_QUESTION = 64
+"""Queries waiting at once for the same forwarded question; more identical ones are dropped
+before any work (a flood of one unanswered name cannot fill the pending-query table)."""
 
 _FLAG_CD = 0x0010
 _REFUSED_TYPES = frozenset(
@@ -143,7 +149,21 @@ class Resolver:
         self.upstreams = UpstreamPool(config, counters)
         self.hosts = _HostsFile(config.hosts_file)
         self._inflight: dict[bytes, asyncio.Task[CacheEntry | None]] = {}
+        self._waiters: dict[bytes, int] = {}
         self._udp_limit = config.edns_udp_size
+
+    def _count(self, udp: bool) -> None:
+        counters = self.counters
+        counters.queries += 1
+        if udp:
+            counters.udp_queries += 1
+        else:
+            counters.tcp_queries += 1
+
+    def drop(self, *, udp: bool) -> None:
+        """Count a query the listener drops unanswered (too many pending, or :meth:`crowded`)."""
+        self._count(udp)
+        self.counters.dropped += 1
 
     # -- fast path ----------------------------------------------------------------------------
 
@@ -162,11 +182,7 @@ class Resolver:
         if entry is None:
             return None
         counters = self.counters
-        counters.queries += 1
-        if udp:
-            counters.udp_queries += 1
-        else:
-            counters.tcp_queries += 1
+        self._count(udp)
         counters.cache_hits += 1
         response = self._render(entry, data, plain, now, udp)
         if self.config.log_queries:
@@ -174,6 +190,34 @@ class Resolver:
         elif udp and not response[2] & (FLAG_TC >> 8):
             cache.remember(data, plain.key, response, now)
         return response
+
+    def answer_junk(self, data: bytes, *, udp: bool) -> tuple[bool, bytes | None]:
+        """Settle, from the header alone, a packet the slow path would only drop or FORMERR:
+        shorter than a header, a response (QR set), or a QUERY without exactly one question.
+
+        :returns: ``(True, reply or None to drop)`` when settled, ``(False, None)`` when the
+            packet needs the slow path.  No task, no dnspython parse: a junk flood costs little.
+        """
+        if len(data) >= HEADER_SIZE:
+            flags, qdcount = struct.unpack_from("!HH", data, 2)
+            if not flags & FLAG_QR and (qdcount == 1 or flags & OPCODE_MASK):
+                return False, None
+        counters = self.counters
+        self._count(udp)
+        reply = _formerr_from_header(data)
+        if reply is None:
+            counters.dropped += 1
+        else:
+            counters.formerr += 1
+        return True, reply
+
+    def crowded(self, data: bytes) -> bool:
+        """True when *data* asks a question that :data:`MAX_WAITERS_PER_QUESTION` queries
+        already wait for (the caller drops it and counts it)."""
+        if not self._waiters:
+            return False
+        plain = parse_plain_query(data)
+        return plain is not None and self._waiters.get(plain.key, 0) >= MAX_WAITERS_PER_QUESTION
 
     def _render(
         self, entry: CacheEntry, query: bytes, plain: PlainQuery, now: float, udp: bool
@@ -195,11 +239,7 @@ class Resolver:
     async def answer(self, data: bytes, peer: object, *, udp: bool) -> bytes | None:
         """The response to any packet, or ``None`` to drop it silently."""
         counters = self.counters
-        counters.queries += 1
-        if udp:
-            counters.udp_queries += 1
-        else:
-            counters.tcp_queries += 1
+        self._count(udp)
         try:
             query = dns.message.from_wire(data)
         except dns.message.ShortHeader:
@@ -292,7 +332,13 @@ class Resolver:
             )
             self._inflight[key] = task
             task.add_done_callback(lambda _t: self._inflight.pop(key, None))
-        return await asyncio.shield(task)
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            return await asyncio.shield(task)
+        finally:
+            left = self._waiters.pop(key) - 1
+            if left:
+                self._waiters[key] = left
 
     async def _forward(
         self,

@@ -12,7 +12,8 @@ Two ways to read the socket, one job each:
   them.  The standalone runner, which drops nothing, uses it.
 
 Either way a query is first offered to the cache's replay of a reply rendered for the same
-bytes, then to the resolver's synchronous fast path, and otherwise becomes a slow-path task.
+bytes, then to the resolver's synchronous fast path; junk the header alone condemns is dropped
+or answered FORMERR at once, and the rest becomes a slow-path task unless too many are pending.
 Replies are sent with ``MSG_DONTWAIT``; one the kernel cannot take at once is dropped (counted),
 as a datagram would be on the wire.
 """
@@ -127,8 +128,13 @@ class SelectorListener:
         if reply is not None:
             self.send(reply, addr)
             return
-        if len(self.tasks) >= MAX_PENDING_QUERIES:
-            resolver.counters.dropped += 1
+        settled, reply = resolver.answer_junk(data, udp=True)
+        if settled:
+            if reply is not None:
+                self.send(reply, addr)
+            return
+        if len(self.tasks) >= MAX_PENDING_QUERIES or resolver.crowded(data):
+            resolver.drop(udp=True)
             return
         task = asyncio.get_running_loop().create_task(self._slow(data, addr))
         self.tasks.add(task)

@@ -26,6 +26,7 @@ Every key and its default::
     max_size = "10M"                   # message size limit (bytes, or K/M/G suffix)
     max_recipients = 100               # per message; more get 452
     max_connections = 100              # simultaneous SMTP clients over all listeners
+    max_per_client = 20                # simultaneous SMTP clients of one uid (or address)
     rate_limit = 0                     # messages per minute per peer (IP or uid); 0 = off
     unix_mode = "0666"                 # permission bits of the Unix sockets
     smtp_timeout = 60                  # seconds a client may stay silent
@@ -149,6 +150,9 @@ class MailConfig:
         The default allows only the site domain, so a compromised app cannot forge other
         domains through this host.
     :param max_size: bytes; announced with SIZE and enforced during DATA.
+    :param max_per_client: connections at once from one client: a uid (Unix sockets, and
+        loopback TCP, whose socket owner the kernel names) or else an address.  Keeps one app
+        that holds idle connections from using up ``max_connections`` for every other one.
     :param rate_limit: messages per minute per peer; 0 disables.
     :param max_age: seconds after which an undeliverable message is given up (and bounced).
     :param workers: processes sharing the listening sockets (``python -m
@@ -166,6 +170,7 @@ class MailConfig:
     max_size: int = 10 * 1024 * 1024
     max_recipients: int = 100
     max_connections: int = 100
+    max_per_client: int = 20
     rate_limit: int = 0
     unix_mode: int = 0o666
     smtp_timeout: float = 60.0
@@ -382,6 +387,7 @@ _KNOWN = frozenset(
         "max_size",
         "max_recipients",
         "max_connections",
+        "max_per_client",
         "rate_limit",
         "unix_mode",
         "smtp_timeout",
@@ -470,6 +476,7 @@ def parse_config(table: Mapping[str, object]) -> MailConfig:
     ints = {
         "max_recipients": (1, 10000),
         "max_connections": (1, 100000),
+        "max_per_client": (1, 100000),
         "rate_limit": (0, 1000000),
         "concurrency": (1, 256),
         "workers": (1, 64),
@@ -507,6 +514,13 @@ def parse_config(table: Mapping[str, object]) -> MailConfig:
         kwargs["bounce"] = _typed(table, "bounce", bool, "true or false")
 
     config = MailConfig(**kwargs)  # type: ignore[arg-type]
+    if config.max_per_client > config.max_connections:
+        if "max_per_client" in table:
+            raise ConfigError(
+                f"mail.max_per_client = {config.max_per_client} is above mail.max_connections = "
+                f"{config.max_connections}; lower mail.max_per_client"
+            )
+        config = dataclasses.replace(config, max_per_client=config.max_connections)
     if config.retry_initial > config.retry_max:
         raise ConfigError(
             f"mail.retry_initial = {config.retry_initial:g} is above mail.retry_max = "

@@ -7,7 +7,10 @@ answers ``250`` to DATA only after the message is durably in the spool.
 
 ESMTP extensions offered: SIZE, 8BITMIME, SMTPUTF8, PIPELINING.  Clients on a Unix socket are
 identified by uid (``SO_PEERCRED``), TCP clients by address; ``mail.rate_limit`` counts per
-client.
+client.  ``mail.max_per_client`` caps the connections of one uid (on loopback TCP too, where the
+kernel names the owner of the client's socket, see :mod:`chroot_helper.peercred`), so one app
+holding idle connections cannot use up ``mail.max_connections`` for the others; a silent client
+is dropped after ``mail.smtp_timeout``.
 
 Example::
 
@@ -32,6 +35,7 @@ import socket
 import stat
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import AnyStr, cast
 
@@ -39,6 +43,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from ...errors import MailListenError, SpoolError, SubmitError
+from ...peercred import loopback_peer_uid
 from .client import exit_code_for
 from .config import MailConfig, TcpAddress, UnixAddress
 from .delivery import make_transport
@@ -72,6 +77,7 @@ READ_BUFFER = 64 * 1024
 SPOOL_WRITERS = 32
 """Threads writing and fsyncing queue files; more concurrent submissions wait for one."""
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections; try again later\r\n"
+REPLY_TOO_MANY_FROM_CLIENT = b"421 4.7.0 Too many connections from you; try again later\r\n"
 REPLY_SPOOL_ERROR = "451 4.3.0 Error: queue file write error; try again later"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 
@@ -104,6 +110,8 @@ class _Submission(SMTP):
         self._stream_reader._limit = READ_BUFFER  # type: ignore[attr-defined]
         self.client = "unknown"
         self.rate_key: object = None
+        self.owner: object = None
+        self.refused = False
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply line, control bytes replaced: aiosmtpd echoes an unknown command verb
@@ -123,21 +131,30 @@ class _Submission(SMTP):
             return None, None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.service.connections.add(self)
         sock = transport.get_extra_info("socket")
         peer = transport.get_extra_info("peername")
+        owner: object = None
         if sock is not None and sock.family == socket.AF_UNIX:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, _gid = struct.unpack("3i", creds)
             self.client = f"unix:uid={uid},pid={pid}"
-            self.rate_key = ("uid", uid)
+            self.rate_key = owner = ("uid", uid)
         elif isinstance(peer, tuple):
             self.client = f"{peer[0]}:{peer[1]}"
             self.rate_key = ("ip", peer[0])
+            uid = loopback_peer_uid(sock) if sock is not None else None
+            owner = self.rate_key if uid is None else ("uid", uid)
+        if not self.service.admit(self, owner):
+            self.refused = True
+            cast(asyncio.WriteTransport, transport).write(REPLY_TOO_MANY_FROM_CLIENT)
+            transport.close()
+            return
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
-        self.service.connections.discard(self)
+        if self.refused:
+            return
+        self.service.release(self)
         super().connection_lost(error)
 
 
@@ -251,6 +268,7 @@ class MailService:
             config, self.spool, self.sync, make_transport(config), self.counters
         )
         self.connections: set[_Submission] = set()
+        self._per_client: Counter[object] = Counter()
         self.on_commit: Callable[[str], None] | None = None
         # Writes wait on fsync, not on the CPU: one thread per concurrent submission lets the
         # file system batch their journal commits (as Postfix's parallel cleanup processes do).
@@ -277,6 +295,31 @@ class MailService:
                 else:
                     out.append(f"{name[0]}:{name[1]}")
         return out
+
+    def admit(self, connection: _Submission, owner: object) -> bool:
+        """Count *connection* for *owner* (a uid or an address); False over max_per_client."""
+        limit = self.config.max_per_client
+        if self._per_client[owner] >= limit:
+            log.warning(
+                "%s: %s has %d connections (mail.max_per_client = %d); answering 421",
+                connection.client,
+                " ".join(map(str, owner)) if isinstance(owner, tuple) else owner,
+                self._per_client[owner],
+                limit,
+            )
+            return False
+        connection.owner = owner
+        self._per_client[owner] += 1
+        self.connections.add(connection)
+        return True
+
+    def release(self, connection: _Submission) -> None:
+        """Forget a connection :meth:`admit` counted."""
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self._per_client[connection.owner] -= 1
+            if not self._per_client[connection.owner]:
+                del self._per_client[connection.owner]
 
     def stats(self) -> MailStats:
         """A snapshot of the counters."""
