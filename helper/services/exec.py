@@ -39,7 +39,9 @@ from ..errors import CommandError, RemoteProtocolError
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
-from .exec_spawn import KILL_TREE, STATUS_EXIT, Forker, SpawnSpec, Supervisor, spawn
+from .exec_forker import Forker
+from .exec_resident import RETIRING, ResidentPool, identity_of
+from .exec_spawn import KILL_TREE, STATUS_ERROR, STATUS_EXIT, SpawnSpec, Supervisor, spawn
 
 __all__ = ["ExecService", "FORWARDED_SIGNALS"]
 
@@ -102,31 +104,52 @@ class ExecService(Service):
             caps.add(CAP_SYS_ADMIN)
         self.capabilities = frozenset(caps)
         self._forker: Forker | None = None
+        self._pool: ResidentPool | None = None
         self._forker_pids: list[int] = []
 
     async def start(self) -> None:
-        """Start the forker that keeps supervisors ready (see :class:`Forker`)."""
+        """Start the forker that forks supervisors off the loop (see
+        :mod:`~chroot_helper.services.exec_forker`)."""
         if self.commands:
-            self._forker = Forker.start(self.capabilities)
+            one_shot = any(not _resident(cmd) for cmd in self.commands.values())
+            self._forker = Forker.start(self.capabilities, pool=one_shot)
             self._forker_pids.append(self._forker.pid)
+            self._pool = ResidentPool(self._forker)
 
-    def spawn(self, spec: SpawnSpec) -> Supervisor:
-        """Start a supervisor for *spec*: from the forker's pool, else by forking here."""
-        if self._forker is not None:
+    async def spawn(self, spec: SpawnSpec) -> Supervisor:
+        """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
+        pool (for commands with namespaces of their own), else by forking here."""
+        if self._forker is not None and self._pool is not None:
             try:
+                if spec.network and not spec.pid_namespace:
+                    return await self._pool.start(spec, identity_of(spec))
                 return self._forker.spawn(spec)
             except BlockingIOError:
                 log.info("the forker's queue is full; forking a supervisor in the daemon")
-            except OSError as exc:
+            except ConnectionError as exc:
                 log.warning("the forker is gone (%s); forking supervisors in the daemon", exc)
                 self._forker.close()
                 self._forker = None
+            except OSError as exc:
+                log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
         return spawn(spec)
+
+    def release(self, sup: Supervisor, *, reusable: bool) -> None:
+        """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is
+        closed (which kills a tree still running)."""
+        if sup.resident is not None and self._pool is not None:
+            self._pool.release(sup, reusable=reusable and self._forker is not None)
+            return
+        _close(sup.status_fd)
+        _close(sup.control_fd)
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first), stop the forker."""
         for sup in list(self._running):
-            _close(sup.control_fd)
+            self.release(sup, reusable=False)
+        self._running.clear()
+        if self._pool is not None:
+            await self._pool.close()
         if self._forker is not None:
             self._forker.close()
             self._forker = None
@@ -223,6 +246,11 @@ def _close_all(fds: Sequence[int]) -> None:
         _close(fd)
 
 
+def _resident(cmd: CommandConfig) -> bool:
+    """Whether resident supervisors run *cmd* (see :mod:`~chroot_helper.services.exec_resident`)."""
+    return cmd.network and not cmd.pid_namespace
+
+
 def _rlimits(cmd: CommandConfig) -> list[tuple[int, int]]:
     limits = [(resource.RLIMIT_NOFILE, cmd.max_open_files), (resource.RLIMIT_CORE, 0)]
     for res, value in (
@@ -314,7 +342,7 @@ class _Run:
                 network=cmd.network,
                 pid_namespace=cmd.pid_namespace,
             )
-            self.sup = self.service.spawn(spec)
+            self.sup = await self.service.spawn(spec)
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
             raise
@@ -323,7 +351,7 @@ class _Run:
         sup = self.sup
         self.running.add(sup)
         log.info("%s: exec %s", self.channel.peer, cmd.name)
-        status = _StatusReader(sup.status_fd)
+        status = _StatusReader(sup.status_fd, messages=sup.resident is not None)
         tasks: list[asyncio.Task[None]] = []
         try:
             started = await status.read_start()
@@ -376,9 +404,9 @@ class _Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
-            status.close()
-            _close(sup.control_fd)  # kills the tree if it still runs
-            self.running.discard(sup)
+            if sup in self.running:  # not yet released by ExecService.stop
+                self.running.discard(sup)
+                self.service.release(sup, reusable=status.reusable)  # kills a running tree
             if sup.pid is not None:
                 await _reap(sup.pid)
 
@@ -472,13 +500,21 @@ async def _write_all(fd: int, data: bytes) -> bool:
 
 
 class _StatusReader:
-    """Reads the supervisor's status pipe."""
+    """Reads the supervisor's status: a pipe, or a resident's channel (one message per read).
 
-    def __init__(self, fd: int) -> None:
+    :param messages: the status comes in messages (a resident): an error message is complete
+        as read, and the channel stays open after it.
+    """
+
+    def __init__(self, fd: int, *, messages: bool = False) -> None:
         self.fd = fd
-        os.set_blocking(fd, False)
+        self.messages = messages
+        if not messages:
+            os.set_blocking(fd, False)
         self.buffer = b""
         self.eof = False
+        #: The exit status arrived and the supervisor can serve another command.
+        self.reusable = False
 
     async def _fill(self, need: int) -> None:
         while len(self.buffer) < need and not self.eof:
@@ -496,17 +532,16 @@ class _StatusReader:
         tag, self.buffer = self.buffer[:1], self.buffer[1:]
         if tag == b"S":
             return None
-        await self._fill(1 << 16)
+        if not (self.messages and tag == STATUS_ERROR):
+            await self._fill(1 << 16)
         return self.buffer.decode(errors="replace") or "the supervisor died"
 
     async def read_exit(self) -> int:
         await self._fill(1 + _CODE.size)
         if self.buffer[:1] != STATUS_EXIT or len(self.buffer) < 1 + _CODE.size:
             return -signal.SIGKILL  # the supervisor itself was killed
+        self.reusable = self.messages and self.buffer[1 + _CODE.size :] != RETIRING
         return int(_CODE.unpack_from(self.buffer, 1)[0])
-
-    def close(self) -> None:
-        _close(self.fd)
 
 
 async def _reap(pid: int) -> None:
