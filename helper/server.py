@@ -507,7 +507,8 @@ class HelperServer:
                 )
             self._waiting[peer.key] += 1
             try:
-                event = await asyncio.wait_for(conn.next_event(), self.config.request_timeout)
+                async with asyncio.timeout(self.config.request_timeout):
+                    event = await conn.next_event()
             except TimeoutError:
                 raise RemoteProtocolError(
                     f"no request within [helper] request_timeout = {self.config.request_timeout} s"

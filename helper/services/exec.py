@@ -106,11 +106,14 @@ class ExecService(Service):
         self._forker: Forker | None = None
         self._pool: ResidentPool | None = None
         self._forker_pids: list[int] = []
+        #: /dev/null for reading and for writing, shared by every command with a "null" stream.
+        self.null_fds: tuple[int, int] = (-1, -1)
 
     async def start(self) -> None:
         """Start the forker that forks supervisors off the loop (see
         :mod:`~chroot_helper.services.exec_forker`)."""
         if self.commands:
+            self.null_fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
             one_shot = any(not _resident(cmd) for cmd in self.commands.values())
             self._forker = Forker.start(self.capabilities, pool=one_shot)
             self._forker_pids.append(self._forker.pid)
@@ -153,6 +156,8 @@ class ExecService(Service):
         if self._forker is not None:
             self._forker.close()
             self._forker = None
+        _close_all([fd for fd in self.null_fds if fd >= 0])
+        self.null_fds = (-1, -1)
         for pid in self._forker_pids:
             await _reap(pid)
         self._forker_pids.clear()
@@ -297,9 +302,7 @@ class _Run:
                 if mode == "fd":
                     child.append(next(passed))
                 elif mode == "null":
-                    fd = os.open(os.devnull, os.O_RDONLY if index == 0 else os.O_WRONLY)
-                    opened.append(fd)
-                    child.append(fd)
+                    child.append(self.service.null_fds[0 if index == 0 else 1])
                 elif mode == "stdout":
                     child.append(child[1])
                 else:
@@ -347,10 +350,10 @@ class _Run:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
             raise
         finally:
-            _close_all(sorted(set(child_fds) | set(self.passed)))
+            _close_all(sorted((set(child_fds) - set(self.service.null_fds)) | set(self.passed)))
         sup = self.sup
         self.running.add(sup)
-        log.info("%s: exec %s", self.channel.peer, cmd.name)
+        log.debug("%s: exec %s", self.channel.peer, cmd.name)
         status = _StatusReader(sup.status_fd, messages=sup.resident is not None)
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -369,7 +372,8 @@ class _Run:
             stdin_w = None
             tasks.append(client)
             try:
-                returncode = await asyncio.wait_for(status.read_exit(), self.call.timeout)
+                async with asyncio.timeout(self.call.timeout):
+                    returncode = await status.read_exit()
             except TimeoutError:
                 self.timed_out = True
                 log.warning(
@@ -382,7 +386,9 @@ class _Run:
             # must not hold its concurrency slot forever.
             grace = max(self.call.timeout, 1.0)
             try:
-                await asyncio.wait_for(asyncio.gather(*pumps), grace)
+                if pumps:
+                    async with asyncio.timeout(grace):
+                        await asyncio.gather(*pumps)
             except TimeoutError:
                 log.warning(
                     "%s: read no output for %s s after %s ended", self.channel.peer, grace, cmd.name
