@@ -129,10 +129,30 @@ class Channel:
     with :meth:`receive`, and own the descriptors they :meth:`take_fds`.
     """
 
-    def __init__(self, conn: _ServerConnection, peer: Peer, fds: list[int]) -> None:
+    def __init__(
+        self,
+        conn: _ServerConnection,
+        peer: Peer,
+        fds: list[int],
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
         self._conn = conn
         self.peer = peer
         self._fds = fds
+        self._release = release
+
+    def release(self) -> None:
+        """Stop counting this request against the concurrency limits now, before the handler
+        returns (its work is over; see :meth:`Service.settle`)."""
+        self._release()
+
+    def handoff_fd(self) -> int | None:
+        """The connection's socket, for a handler that hands the rest of the exchange to another
+        process (which gets a duplicate); None when the client has already sent more than the
+        request, which the other process would miss."""
+        if self._conn.proto.buffered:
+            return None
+        return self._conn.sock.fileno()
 
     def take_fds(self) -> list[int]:
         """Return the fds that came with the request; the caller must close them."""
@@ -176,6 +196,10 @@ class Service:
 
     async def stop(self) -> None:
         """Stop what :meth:`start` started."""
+
+    def settle(self) -> None:
+        """Without waiting, release (:meth:`Channel.release`) the requests whose work has already
+        ended; the server calls this before it refuses a request as over a concurrency limit."""
 
     def handlers(self) -> dict[str, Handler]:
         """Return ``{op: bound handle_<op> method}``."""
@@ -465,7 +489,13 @@ class HelperServer:
             raise PeerRefusedError("wrong or missing token on the TCP listener")
 
     @contextlib.contextmanager
-    def _slot(self, peer: Peer) -> Iterator[None]:
+    def _slot(self, peer: Peer) -> Iterator[Callable[[], None]]:
+        if (
+            self._active >= self.config.max_concurrent
+            or self._per_peer[peer.key] >= self.config.max_per_peer
+        ):
+            for service in self.services:
+                service.settle()
         if self._active >= self.config.max_concurrent:
             raise BusyError(
                 f"{self._active} requests are running, the limit [helper] max_concurrent = "
@@ -478,13 +508,21 @@ class HelperServer:
             )
         self._active += 1
         self._per_peer[peer.key] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._active -= 1
+                self._per_peer[peer.key] -= 1
+                if not self._per_peer[peer.key]:
+                    del self._per_peer[peer.key]
+
         try:
-            yield
+            yield release
         finally:
-            self._active -= 1
-            self._per_peer[peer.key] -= 1
-            if not self._per_peer[peer.key]:
-                del self._per_peer[peer.key]
+            release()
 
     async def _serve_connection(self, sock: socket.socket, address: object) -> None:
         conn: _ServerConnection | None = None
@@ -533,9 +571,9 @@ class HelperServer:
                     f"{', '.join(sorted(self.handlers))}"
                 )
             log.debug("%s: request %s", peer, event.op)
-            with self._slot(peer):
+            with self._slot(peer) as release:
                 fds, conn.fds = conn.fds, []
-                channel = Channel(conn, peer, fds)
+                channel = Channel(conn, peer, fds, release)
                 try:
                     await handler(event, channel)
                 finally:

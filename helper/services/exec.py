@@ -40,25 +40,21 @@ from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
 from .exec_forker import Forker
-from .exec_resident import RETIRING, ResidentPool, identity_of
-from .exec_spawn import KILL_TREE, STATUS_ERROR, STATUS_EXIT, SpawnSpec, Supervisor, spawn
+from .exec_resident import RETIRING, TIMED_OUT, ResidentPool, identity_of
+from .exec_spawn import (
+    FORWARDED_SIGNALS,
+    KILL_TREE,
+    STATUS_ERROR,
+    STATUS_EXIT,
+    SpawnSpec,
+    Supervisor,
+    spawn,
+)
 
 __all__ = ["ExecService", "FORWARDED_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
-#: Signals a client may forward to its command's process group.
-FORWARDED_SIGNALS: Final = frozenset(
-    {
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGHUP,
-        signal.SIGKILL,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-    }
-)
 _MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
     "stdout": ("pipe", "fd", "null"),
@@ -108,6 +104,8 @@ class ExecService(Service):
         self._forker_pids: list[int] = []
         #: /dev/null for reading and for writing, shared by every command with a "null" stream.
         self.null_fds: tuple[int, int] = (-1, -1)
+        #: Commands whose resident talks to the client, and where their outcome arrives.
+        self.handoffs: dict[Channel, _StatusReader] = {}
 
     async def start(self) -> None:
         """Start the forker that forks supervisors off the loop (see
@@ -119,13 +117,21 @@ class ExecService(Service):
             self._forker_pids.append(self._forker.pid)
             self._pool = ResidentPool(self._forker)
 
-    async def spawn(self, spec: SpawnSpec) -> Supervisor:
+    async def spawn(
+        self, spec: SpawnSpec, *, client: int | None = None, name: str = "", timeout: float = 0
+    ) -> Supervisor:
         """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
-        pool (for commands with namespaces of their own), else by forking here."""
+        pool (for commands with namespaces of their own), else by forking here.
+
+        A resident also takes over the *client* connection when given one (see
+        :meth:`ResidentPool.start`; the result says whether it did).
+        """
         if self._forker is not None and self._pool is not None:
             try:
                 if spec.network and not spec.pid_namespace:
-                    return await self._pool.start(spec, identity_of(spec))
+                    return await self._pool.start(
+                        spec, identity_of(spec), client=client, name=name, timeout=timeout
+                    )
                 return self._forker.spawn(spec)
             except BlockingIOError:
                 log.info("the forker's queue is full; forking a supervisor in the daemon")
@@ -145,6 +151,12 @@ class ExecService(Service):
             return
         _close(sup.status_fd)
         _close(sup.control_fd)
+
+    def settle(self) -> None:
+        """Release the requests whose resident has already reported the outcome."""
+        for channel, status in list(self.handoffs.items()):
+            if status.settle():
+                channel.release()
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first), stop the forker."""
@@ -345,7 +357,10 @@ class _Run:
                 network=cmd.network,
                 pid_namespace=cmd.pid_namespace,
             )
-            self.sup = await self.service.spawn(spec)
+            handoff = None if "pipe" in self.call.modes.values() else self.channel.handoff_fd()
+            self.sup = await self.service.spawn(
+                spec, client=handoff, name=cmd.name, timeout=self.call.timeout
+            )
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
             raise
@@ -362,6 +377,9 @@ class _Run:
                 _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
                 readers, stdin_w = {}, None
                 raise CommandError(f"[exec.{cmd.name}] could not start: {started}")
+            if sup.handed_off:
+                await self._await_outcome(status)
+                return
             await self.channel.send(Started())
             pumps = [
                 asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()
@@ -415,6 +433,20 @@ class _Run:
                 self.service.release(sup, reusable=status.reusable)  # kills a running tree
             if sup.pid is not None:
                 await _reap(sup.pid)
+
+    async def _await_outcome(self, status: _StatusReader) -> None:
+        """The resident talks to the client: wait for the outcome it reports first."""
+        self.service.handoffs[self.channel] = status
+        try:
+            returncode = await status.read_exit()
+        finally:
+            self.service.handoffs.pop(self.channel, None)
+        name = self.call.command.name
+        if status.timed_out:
+            log.warning("%s: %s timed out after %s s", self.channel.peer, name, self.call.timeout)
+        if not status.exited:  # the resident died before its report, so before any EXIT frame
+            await self.channel.send(Exit(returncode=returncode))
+        log.info("%s: %s exited %d", self.channel.peer, name, returncode)
 
     def kill(self) -> None:
         """Ask the supervisor to SIGKILL the whole tree now."""
@@ -519,22 +551,45 @@ class _StatusReader:
             os.set_blocking(fd, False)
         self.buffer = b""
         self.eof = False
-        #: The exit status arrived and the supervisor can serve another command.
-        self.reusable = False
+        self._waiter: asyncio.Future[None] | None = None
+        #: The exit status arrived; the supervisor killed the command at its timeout; it can
+        #: serve another command.
+        self.exited = self.timed_out = self.reusable = False
+
+    def _read_some(self) -> bool:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return False
+        self.buffer += data
+        self.eof = not data
+        return True
 
     async def _fill(self, need: int) -> None:
+        loop = asyncio.get_running_loop()
         while len(self.buffer) < need and not self.eof:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                await wait_fd(self.fd)
+            if self._read_some():
                 continue
-            self.buffer += data
-            self.eof = not data
+            self._waiter = loop.create_future()
+            loop.add_reader(self.fd, _wake, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                loop.remove_reader(self.fd)
+                self._waiter = None
+
+    def settle(self) -> bool:
+        """Read what has already arrived, without waiting; True once the exit status is in."""
+        if self._waiter is not None and self._read_some():
+            _wake(self._waiter)
+        return self.buffer[:1] == STATUS_EXIT and len(self.buffer) >= 1 + _CODE.size
 
     async def read_start(self) -> str | None:
-        """None once the command started, else the reason it could not."""
+        """None once the command started, else the reason it could not.  (A resident that talks
+        to the client itself sends no start message: its exit status counts as the start.)"""
         await self._fill(1)
+        if self.buffer[:1] == STATUS_EXIT:
+            return None
         tag, self.buffer = self.buffer[:1], self.buffer[1:]
         if tag == b"S":
             return None
@@ -546,8 +601,16 @@ class _StatusReader:
         await self._fill(1 + _CODE.size)
         if self.buffer[:1] != STATUS_EXIT or len(self.buffer) < 1 + _CODE.size:
             return -signal.SIGKILL  # the supervisor itself was killed
-        self.reusable = self.messages and self.buffer[1 + _CODE.size :] != RETIRING
+        tail = self.buffer[1 + _CODE.size :]
+        self.exited = True
+        self.timed_out = TIMED_OUT in tail
+        self.reusable = self.messages and RETIRING not in tail
         return int(_CODE.unpack_from(self.buffer, 1)[0])
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _reap(pid: int) -> None:

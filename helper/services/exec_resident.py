@@ -32,36 +32,66 @@ import json
 import os
 import resource
 import select
+import signal
 import socket
+import time
 from typing import TYPE_CHECKING, Final
 
+from ..errors import RemoteProtocolError
 from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
+from ..protocol import (
+    CLOSED,
+    NEED_DATA,
+    Connection,
+    Error,
+    Event,
+    Exit,
+    Role,
+    Signal,
+    Started,
+    State,
+    encode_event,
+)
 from .exec_spawn import (
+    FORWARDED_SIGNALS,
     STATUS_ERROR,
     SpawnSpec,
     Supervisor,
     _close_std,
     _enter,
+    _kill_tree,
     _prepare,
+    _report_exit,
     _start,
     _start_error,
     _supervise,
+    _wait,
 )
 
 if TYPE_CHECKING:
     from .exec_forker import Forker
 
-__all__ = ["ResidentPool", "identity_of", "resident_main", "MAX_JOBS", "MAX_IDLE", "RETIRING"]
+__all__ = [
+    "ResidentPool",
+    "identity_of",
+    "resident_main",
+    "MAX_JOBS",
+    "MAX_IDLE",
+    "RETIRING",
+    "TIMED_OUT",
+]
 
 #: Commands one resident runs before it retires (a fresh fork replaces it).
 MAX_JOBS: Final = 10_000
 #: Idle residents the daemon keeps per identity; one more is told to exit.
 MAX_IDLE: Final = 32
-#: Last byte of an exit message from a resident that exits after it.
+#: In the tail of an exit message: the resident exits after this command.
 RETIRING: Final = b"R"
+#: In the tail of an exit message: the resident killed the command at its timeout.
+TIMED_OUT: Final = b"T"
 _STD_FDS: Final = 3
 _MAX_JOB: Final = 256 * 1024
-_FD_SPACE: Final = ancillary_space(_STD_FDS)
+_FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
 
 
 def identity_of(spec: SpawnSpec) -> bytes:
@@ -77,9 +107,18 @@ def identity_of(spec: SpawnSpec) -> bytes:
     ).encode()
 
 
-def encode_job(spec: SpawnSpec) -> bytes:
-    """The job message for *spec* (its descriptors travel beside it)."""
-    return json.dumps({"argv": list(spec.argv), "env": spec.env, "cwd": spec.cwd}).encode()
+def encode_job(spec: SpawnSpec, *, name: str = "", timeout: float | None = None) -> bytes:
+    """The job message for *spec* (its descriptors travel beside it); *timeout* applies when the
+    client's connection travels with it."""
+    return json.dumps(
+        {
+            "argv": list(spec.argv),
+            "env": spec.env,
+            "cwd": spec.cwd,
+            "name": name,
+            "timeout": timeout,
+        }
+    ).encode()
 
 
 class ResidentPool:
@@ -96,14 +135,27 @@ class ResidentPool:
         self._refilling: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self, spec: SpawnSpec, identity: bytes) -> Supervisor:
+    async def start(
+        self,
+        spec: SpawnSpec,
+        identity: bytes,
+        *,
+        client: int | None = None,
+        name: str = "",
+        timeout: float | None = None,
+    ) -> Supervisor:
         """Send *spec* to a resident at *identity*; return at once (the status reports the start).
+
+        With *client* (the client's connection), the resident takes over the rest of the exchange:
+        it sends STARTED and EXIT, forwards SIGNAL frames, kills the tree when the client hangs up
+        or *timeout* passes, and reports to the daemon only ``E`` or ``X`` (before the EXIT frame).
 
         :raises ConnectionError: the forker is gone.
         :raises OSError: no resident could take the job.
         """
-        job = encode_job(spec)
-        fds = scm_rights([spec.stdin, spec.stdout, spec.stderr])
+        job = encode_job(spec, name=name, timeout=timeout)
+        passed = [spec.stdin, spec.stdout, spec.stderr]
+        fds = scm_rights(passed if client is None else [*passed, client])
         idle = self._idle.setdefault(identity, [])
         while True:
             fresh = not idle
@@ -120,7 +172,9 @@ class ResidentPool:
             self._refill(identity)
         fd = channel.fileno()
         self._busy[fd] = channel
-        return Supervisor(pid=None, status_fd=fd, control_fd=fd, resident=identity)
+        return Supervisor(
+            pid=None, status_fd=fd, control_fd=fd, resident=identity, handed_off=client is not None
+        )
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Take back *sup*'s resident: idle again when *reusable* (its command has exited and it
@@ -207,7 +261,9 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
             fds = fds_from_ancdata(ancdata)
             if not data:
                 return  # the daemon closed the channel
-            if len(fds) != _STD_FDS or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if len(fds) not in (_STD_FDS, _STD_FDS + 1) or flags & (
+                socket.MSG_TRUNC | socket.MSG_CTRUNC
+            ):
                 for fd in fds:  # a control byte that came after the command ended, or junk
                     os.close(fd)
                 continue
@@ -222,29 +278,109 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
                     stdout=fds[1],
                     stderr=fds[2],
                 )
-            except (ValueError, KeyError, TypeError):
+                client = None if len(fds) == _STD_FDS else _Client(fds[3], job["timeout"])
+            except (ValueError, KeyError, TypeError, OSError):
                 for fd in fds:
-                    os.close(fd)
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
                 with contextlib.suppress(OSError):
                     os.write(channel, STATUS_ERROR + b"malformed job")
                 continue
             if failure is not None:
-                _close_std(spec)
-                with contextlib.suppress(OSError):
-                    os.write(channel, _start_error(spec, failure))
+                _refuse(channel, spec, failure, client)
                 return
             try:
                 child = _start(spec)
             except OSError as exc:
-                _close_std(spec)
-                with contextlib.suppress(OSError):
-                    os.write(channel, _start_error(spec, exc))
+                _refuse(channel, spec, exc, client)
                 continue
             jobs += 1
             times = os.times()
             retire = jobs >= MAX_JOBS or (cpu is not None and times.user + times.system >= cpu / 2)
-            _supervise(spec, child, channel, channel, wake_r, RETIRING if retire else b"")
+            tail = RETIRING if retire else b""
+            if client is None:
+                _supervise(spec, child, channel, channel, wake_r, tail)
+            else:
+                _converse(spec, child, channel, wake_r, client, tail)
             if retire:
                 return
         elif alive in ready:
             return  # the forker is gone: idle residents go with it
+
+
+def _refuse(
+    channel: int, spec: SpawnSpec, exc: OSError, client: _Client | None
+) -> None:  # pragma: no cover - runs in a resident
+    """The command could not start: tell the daemon, which answers the client."""
+    _close_std(spec)
+    if client is not None:
+        client.close()
+    with contextlib.suppress(OSError):
+        os.write(channel, _start_error(spec, exc))
+
+
+def _converse(
+    spec: SpawnSpec, child: int, channel: int, wake_r: int, client: _Client, tail: bytes
+) -> None:  # pragma: no cover - runs in a resident
+    """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT."""
+    _close_std(spec)
+    client.send(Started())
+    returncode = _wait(child, channel, wake_r, client)
+    _kill_tree(child)
+    # The daemon hears first, so it has counted the request as over by the time the client
+    # can send another; it never hears when it has gone, and then the client gets no EXIT
+    # either (the helper stopped).
+    if _report_exit(channel, returncode, tail + (TIMED_OUT if client.timed_out else b"")):
+        client.send(Exit(returncode=returncode, timed_out=client.timed_out))
+    client.close()
+
+
+class _Client:
+    """The client's connection, handed over by the daemon (see :meth:`ResidentPool.start`).
+
+    Its SIGNAL frames are forwarded; a hang-up or anything else but an ERROR kills the tree, as
+    in the daemon.  Implements :class:`~chroot_helper.services.exec_spawn.Watch`.
+    """
+
+    def __init__(self, fd: int, timeout: object) -> None:
+        if timeout is not None and not isinstance(timeout, int | float):
+            raise TypeError("timeout must be a number or null")
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        self.fd = fd
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.timed_out = False
+        self.conn = Connection(Role.SERVER)
+        self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read the REQUEST
+
+    def readable(self) -> list[int]:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""
+        signals: list[int] = []
+        try:
+            self.conn.receive_data(data)
+            while (event := self.conn.next_event()) is not NEED_DATA:
+                if event is CLOSED:
+                    raise RemoteProtocolError("the client hung up")
+                if isinstance(event, Signal) and event.signal in FORWARDED_SIGNALS:
+                    signals.append(event.signal)
+                elif not isinstance(event, Error):
+                    raise RemoteProtocolError(f"{type(event).__name__} frame is not allowed here")
+        except RemoteProtocolError:
+            self.fd = -1
+            return [signal.SIGKILL]
+        return signals
+
+    def expired(self) -> None:
+        self.timed_out = True
+
+    def send(self, event: Event) -> None:
+        with contextlib.suppress(OSError):  # a client that has gone learns nothing more
+            self.sock.sendall(encode_event(event))
+
+    def close(self) -> None:
+        self.sock.close()

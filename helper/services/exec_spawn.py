@@ -38,9 +38,10 @@ import resource
 import select
 import signal
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 __all__ = [
     "SpawnSpec",
@@ -50,12 +51,26 @@ __all__ = [
     "STATUS_ERROR",
     "STATUS_EXIT",
     "KILL_TREE",
+    "FORWARDED_SIGNALS",
+    "Watch",
 ]
 
 STATUS_STARTED: Final = b"S"
 STATUS_ERROR: Final = b"E"
 STATUS_EXIT: Final = b"X"
 KILL_TREE: Final = 0
+#: Signals a client may forward to its command's process group.
+FORWARDED_SIGNALS: Final = frozenset(
+    {
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGHUP,
+        signal.SIGKILL,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+    }
+)
 _CODE = struct.Struct("!i")
 
 _PR_SET_CHILD_SUBREAPER: Final = 36
@@ -118,12 +133,15 @@ class Supervisor:
     :param control_fd: where it writes control bytes; closing it kills the tree.
     :param resident: the identity key of a resident supervisor (its channel is both fds and it
         serves further commands once this one has exited); None for a one-shot supervisor.
+    :param handed_off: the resident took over the client's connection and reports only the
+        outcome (``E`` or ``X``) to the daemon.
     """
 
     pid: int | None
     status_fd: int
     control_fd: int
     resident: bytes | None = None
+    handed_off: bool = False
 
 
 def _pipes() -> tuple[int, int, int, int]:
@@ -267,10 +285,16 @@ def _supervise(
         return
     returncode = _wait(child, control_r, wake_r)
     _kill_tree(child)
+    _report_exit(status_w, returncode, tail)
+
+
+def _report_exit(status_w: int, returncode: int, tail: bytes = b"") -> bool:  # pragma: no cover
+    """Write the exit status; False when the daemon has gone."""
     try:
         os.write(status_w, STATUS_EXIT + _CODE.pack(returncode) + tail)
     except OSError:
-        pass
+        return False
+    return True
 
 
 def _run(spec: SpawnSpec, status_w: int, control_r: int, wake_r: int) -> None:  # pragma: no cover
@@ -284,11 +308,32 @@ def _run(spec: SpawnSpec, status_w: int, control_r: int, wake_r: int) -> None:  
     _supervise(spec, child, status_w, control_r, wake_r)
 
 
-def _wait(child: int, control_r: int, wake_r: int) -> int:  # pragma: no cover
+class Watch(Protocol):
+    """Something else a supervisor watches while its command runs (the client's connection)."""
+
+    #: The descriptor to poll for input, or -1 once there is nothing more to read.
+    fd: int
+    #: ``time.monotonic()`` value at which :meth:`expired` is called, or None.
+    deadline: float | None
+
+    def readable(self) -> list[int]:
+        """Handle input on :attr:`fd`; return signals for the command's process group."""
+        ...
+
+    def expired(self) -> None:
+        """:attr:`deadline` has passed (the tree is killed next)."""
+        ...
+
+
+def _wait(
+    child: int, control_r: int, wake_r: int, watch: Watch | None = None
+) -> int:  # pragma: no cover
     """Serve control requests until *child* exits; return its subprocess-style return code."""
     poller = select.poll()
     poller.register(control_r, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    if watch is not None:
+        poller.register(watch.fd, select.POLLIN)
     control_open = True
     while True:
         while True:  # reap whatever has exited; remember the command's status
@@ -300,8 +345,22 @@ def _wait(child: int, control_r: int, wake_r: int) -> int:  # pragma: no cover
                 break
             if pid == child:
                 return os.waitstatus_to_exitcode(status)
-        for fd, _ in poller.poll():
-            if fd == wake_r:
+        timeout = None
+        if watch is not None and watch.deadline is not None:
+            timeout = max(0.0, watch.deadline - time.monotonic()) * 1000
+        ready = poller.poll(timeout)
+        if not ready and watch is not None and watch.deadline is not None:
+            if time.monotonic() >= watch.deadline:
+                watch.deadline = None
+                watch.expired()
+                _signal_group(child, signal.SIGKILL)
+        for fd, _ in ready:
+            if watch is not None and fd == watch.fd:
+                for sig in watch.readable():
+                    _signal_group(child, sig)
+                if watch.fd < 0:
+                    poller.unregister(fd)
+            elif fd == wake_r:
                 data = os.read(wake_r, 64)
                 if any(b in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for b in data):
                     _signal_group(child, signal.SIGKILL)
