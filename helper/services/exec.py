@@ -106,6 +106,13 @@ class ExecService(Service):
         self.null_fds: tuple[int, int] = (-1, -1)
         #: Commands whose resident talks to the client, and where their outcome arrives.
         self.handoffs: dict[Channel, _StatusReader] = {}
+        self._rlimits = {name: _rlimits(cmd) for name, cmd in self.commands.items()}
+        self._identities = {
+            name: identity_of(
+                uid=cmd.uid, gid=cmd.gid, groups=cmd.groups, rlimits=self._rlimits[name]
+            )
+            for name, cmd in self.commands.items()
+        }
 
     async def start(self) -> None:
         """Start the forker that forks supervisors off the loop (see
@@ -116,9 +123,12 @@ class ExecService(Service):
             self._forker = Forker.start(self.capabilities, pool=one_shot)
             self._forker_pids.append(self._forker.pid)
             self._pool = ResidentPool(self._forker)
+            for name, cmd in self.commands.items():
+                if _resident(cmd):
+                    self._pool.prewarm(self._identities[name])
 
     async def spawn(
-        self, spec: SpawnSpec, *, client: int | None = None, name: str = "", timeout: float = 0
+        self, spec: SpawnSpec, *, name: str, client: int | None = None, timeout: float = 0
     ) -> Supervisor:
         """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
         pool (for commands with namespaces of their own), else by forking here.
@@ -130,7 +140,7 @@ class ExecService(Service):
             try:
                 if spec.network and not spec.pid_namespace:
                     return await self._pool.start(
-                        spec, identity_of(spec), client=client, name=name, timeout=timeout
+                        spec, self._identities[name], client=client, name=name, timeout=timeout
                     )
                 return self._forker.spawn(spec)
             except BlockingIOError:
@@ -142,6 +152,10 @@ class ExecService(Service):
             except OSError as exc:
                 log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
         return spawn(spec)
+
+    def rlimits(self, cmd: CommandConfig) -> list[tuple[int, int]]:
+        """The ``(resource, limit)`` pairs *cmd* runs under."""
+        return self._rlimits[cmd.name]
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is
@@ -350,7 +364,7 @@ class _Run:
                 uid=cmd.uid,
                 gid=cmd.gid,
                 groups=cmd.groups,
-                rlimits=_rlimits(cmd),
+                rlimits=self.service.rlimits(cmd),
                 stdin=child_fds[0],
                 stdout=child_fds[1],
                 stderr=child_fds[2],

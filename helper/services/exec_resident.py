@@ -35,6 +35,7 @@ import select
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..errors import RemoteProtocolError
@@ -94,14 +95,16 @@ _MAX_JOB: Final = 256 * 1024
 _FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
 
 
-def identity_of(spec: SpawnSpec) -> bytes:
-    """The key of the residents that can run *spec*: who it runs as, under which limits."""
+def identity_of(
+    *, uid: int, gid: int, groups: Sequence[int], rlimits: Sequence[tuple[int, int]]
+) -> bytes:
+    """The key of the residents that can run a command: who it runs as, under which limits."""
     return json.dumps(
         {
-            "uid": spec.uid,
-            "gid": spec.gid,
-            "groups": list(spec.groups),
-            "rlimits": [list(pair) for pair in spec.rlimits],
+            "uid": uid,
+            "gid": gid,
+            "groups": list(groups),
+            "rlimits": [list(pair) for pair in rlimits],
         },
         sort_keys=True,
     ).encode()
@@ -175,6 +178,11 @@ class ResidentPool:
         return Supervisor(
             pid=None, status_fd=fd, control_fd=fd, resident=identity, handed_off=client is not None
         )
+
+    def prewarm(self, identity: bytes) -> None:
+        """Have a resident at *identity* ready before the first request needs one."""
+        if not self._idle.get(identity):
+            self._refill(identity)
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Take back *sup*'s resident: idle again when *reusable* (its command has exited and it
