@@ -173,7 +173,13 @@ class _Session:
     """One connection: send the request with fds, then exchange frames."""
 
     def __init__(
-        self, argv: Sequence[str], modes: dict[str, str], fds: list[int], timeout: float | None
+        self,
+        argv: Sequence[str],
+        modes: dict[str, str],
+        fds: list[int],
+        timeout: float | None,
+        *,
+        started: bool = True,
     ):
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
@@ -185,6 +191,8 @@ class _Session:
         params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
         if timeout is not None:
             params["timeout"] = timeout
+        if not started:
+            params["started"] = False  # run() only waits: no STARTED frame to read
         request = Request(op="exec", params=params, fds=len(fds), token=token)
         frame = self.conn.send(request)
         try:
@@ -402,7 +410,7 @@ def run(
                 raise ValueError(f"{name}={value} is not a file descriptor or a known constant")
             modes[name] = "fd"
             fds.append(_fileno(value))
-    session = _Session(argv, modes, fds, timeout)
+    session = _Session(argv, modes, fds, timeout, started=False)
     out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
     try:
         exit_event = _exchange(

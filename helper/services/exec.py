@@ -12,10 +12,12 @@ Request parameters (op ``exec``)::
      "stdin":  "pipe" | "fd" | "null",    # pipe: DATA frames; fd: passed with SCM_RIGHTS
      "stdout": "pipe" | "fd" | "null",
      "stderr": "pipe" | "fd" | "null" | "stdout",
-     "timeout": 5.0 | null}               # may only shorten the configured timeout
+     "timeout": 5.0 | null,               # may only shorten the configured timeout
+     "started": true}                     # false: no STARTED frame (the caller just waits)
 
 Passed fds come in the order stdin, stdout, stderr (only those whose mode is ``"fd"``).  The reply
-is DATA frames for piped output as it is produced, then one EXIT frame.  ``max_output`` counts only
+is a STARTED frame once the command runs (unless ``started`` is false), DATA frames for piped
+output as it is produced, then one EXIT frame.  ``max_output`` counts only
 piped output: a caller that passes its own fds keeps what the command writes (``max_file_size``
 still caps regular files).
 """
@@ -72,6 +74,7 @@ class _Call:
     args: tuple[str, ...]
     modes: Mapping[str, str]
     timeout: float
+    started: bool = True
 
 
 def _str_list(value: object, key: str) -> tuple[str, ...]:
@@ -128,7 +131,13 @@ class ExecService(Service):
                     self._pool.prewarm(self._identities[name])
 
     async def spawn(
-        self, spec: SpawnSpec, *, name: str, client: int | None = None, timeout: float = 0
+        self,
+        spec: SpawnSpec,
+        *,
+        name: str,
+        client: int | None = None,
+        timeout: float = 0,
+        started: bool = True,
     ) -> Supervisor:
         """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
         pool (for commands with namespaces of their own), else by forking here.
@@ -140,7 +149,12 @@ class ExecService(Service):
             try:
                 if spec.network and not spec.pid_namespace:
                     return await self._pool.start(
-                        spec, self._identities[name], client=client, name=name, timeout=timeout
+                        spec,
+                        self._identities[name],
+                        client=client,
+                        name=name,
+                        timeout=timeout,
+                        started=started,
                     )
                 return self._forker.spawn(spec)
             except BlockingIOError:
@@ -208,7 +222,15 @@ class ExecService(Service):
 
     def _parse(self, request: Request) -> _Call:
         params = request.params
-        unknown = set(params) - {"command", "args", "stdin", "stdout", "stderr", "timeout"}
+        unknown = set(params) - {
+            "command",
+            "args",
+            "stdin",
+            "stdout",
+            "stderr",
+            "timeout",
+            "started",
+        }
         if unknown:
             raise CommandError(f"unknown exec parameter {sorted(unknown)[0]!r}")
         name = params.get("command")
@@ -234,7 +256,10 @@ class ExecService(Service):
             if isinstance(asked, bool) or not isinstance(asked, int | float) or not asked > 0:
                 raise CommandError(f"exec parameter 'timeout' = {asked!r}; expected seconds > 0")
             timeout = min(timeout, float(asked))
-        return _Call(command=command, args=args, modes=modes, timeout=timeout)
+        started = params.get("started", True)
+        if not isinstance(started, bool):
+            raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
+        return _Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
 
     @staticmethod
     def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
@@ -373,7 +398,11 @@ class _Run:
             )
             handoff = None if "pipe" in self.call.modes.values() else self.channel.handoff_fd()
             self.sup = await self.service.spawn(
-                spec, client=handoff, name=cmd.name, timeout=self.call.timeout
+                spec,
+                client=handoff,
+                name=cmd.name,
+                timeout=self.call.timeout,
+                started=self.call.started,
             )
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
@@ -394,7 +423,8 @@ class _Run:
             if sup.handed_off:
                 await self._await_outcome(status)
                 return
-            await self.channel.send(Started())
+            if self.call.started:
+                await self.channel.send(Started())
             pumps = [
                 asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()
             ]

@@ -110,9 +110,11 @@ def identity_of(
     ).encode()
 
 
-def encode_job(spec: SpawnSpec, *, name: str = "", timeout: float | None = None) -> bytes:
-    """The job message for *spec* (its descriptors travel beside it); *timeout* applies when the
-    client's connection travels with it."""
+def encode_job(
+    spec: SpawnSpec, *, name: str = "", timeout: float | None = None, started: bool = True
+) -> bytes:
+    """The job message for *spec* (its descriptors travel beside it); *timeout* and *started*
+    (send a STARTED frame) apply when the client's connection travels with it."""
     return json.dumps(
         {
             "argv": list(spec.argv),
@@ -120,6 +122,7 @@ def encode_job(spec: SpawnSpec, *, name: str = "", timeout: float | None = None)
             "cwd": spec.cwd,
             "name": name,
             "timeout": timeout,
+            "started": started,
         }
     ).encode()
 
@@ -146,6 +149,7 @@ class ResidentPool:
         client: int | None = None,
         name: str = "",
         timeout: float | None = None,
+        started: bool = True,
     ) -> Supervisor:
         """Send *spec* to a resident at *identity*; return at once (the status reports the start).
 
@@ -156,7 +160,7 @@ class ResidentPool:
         :raises ConnectionError: the forker is gone.
         :raises OSError: no resident could take the job.
         """
-        job = encode_job(spec, name=name, timeout=timeout)
+        job = encode_job(spec, name=name, timeout=timeout, started=started)
         passed = [spec.stdin, spec.stdout, spec.stderr]
         fds = scm_rights(passed if client is None else [*passed, client])
         idle = self._idle.setdefault(identity, [])
@@ -286,7 +290,11 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
                     stdout=fds[1],
                     stderr=fds[2],
                 )
-                client = None if len(fds) == _STD_FDS else _Client(fds[3], job["timeout"])
+                client = (
+                    None
+                    if len(fds) == _STD_FDS
+                    else _Client(fds[3], job["timeout"], started=job["started"] is not False)
+                )
             except (ValueError, KeyError, TypeError, OSError):
                 for fd in fds:
                     with contextlib.suppress(OSError):
@@ -332,7 +340,8 @@ def _converse(
 ) -> None:  # pragma: no cover - runs in a resident
     """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT."""
     _close_std(spec)
-    client.send(Started())
+    if client.started:
+        client.send(Started())
     returncode = _wait(child, channel, wake_r, client)
     _kill_tree(child)
     # The daemon hears first, so it has counted the request as over by the time the client
@@ -350,7 +359,7 @@ class _Client:
     in the daemon.  Implements :class:`~chroot_helper.services.exec_spawn.Watch`.
     """
 
-    def __init__(self, fd: int, timeout: object) -> None:
+    def __init__(self, fd: int, timeout: object, *, started: bool = True) -> None:
         if timeout is not None and not isinstance(timeout, int | float):
             raise TypeError("timeout must be a number or null")
         self.sock = socket.socket(fileno=fd)
@@ -358,6 +367,7 @@ class _Client:
         self.fd = fd
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timed_out = False
+        self.started = started
         self.conn = Connection(Role.SERVER)
         self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read the REQUEST
 

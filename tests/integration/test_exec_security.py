@@ -143,6 +143,19 @@ def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
     _assert_still_serving()
 
 
+def test_started_frame_is_sent_unless_the_request_declines_it(helper: Helper) -> None:
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo"}))
+    assert events == [protocol.Started(), protocol.Exit(returncode=0)]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": False}))
+    assert events == [protocol.Exit(returncode=0)]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": "no"}))
+    assert events == [
+        protocol.Error(
+            code="command", message="exec parameter 'started' = 'no'; expected true or false"
+        )
+    ]
+
+
 def test_extra_fds_are_refused_and_closed(helper: Helper) -> None:
     r, w = os.pipe()
     try:
