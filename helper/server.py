@@ -90,6 +90,8 @@ _PEERCRED: Final = struct.Struct("3i")
 _RECV_SIZE: Final = 256 * 1024
 _SNDBUF: Final = 2 << 20
 _FD_SPACE: Final = ancillary_space(MAX_FDS)
+#: Connections accepted in one go when the listener turns readable.
+_ACCEPT_BATCH: Final = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -359,7 +361,7 @@ class HelperServer:
             await self.close()
             raise
         for listener in self._listeners:
-            self._spawn(self._accept_loop(listener))
+            self._listen(listener)
         log.info(
             "serving %s%s; ops: %s",
             self.config.socket,
@@ -382,7 +384,9 @@ class HelperServer:
         log.info("stopped")
 
     def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
         for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
             if listener.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     if os.stat(self.config.socket).st_ino == os.fstat(listener.fileno()).st_ino:
@@ -449,15 +453,24 @@ class HelperServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _listen(self, listener: socket.socket) -> None:
+        """Accept on *listener* whenever it is readable (one registration for its whole life)."""
+        if listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept every connection waiting (at most :data:`_ACCEPT_BATCH`), each in a task."""
+        for _ in range(_ACCEPT_BATCH):
             try:
-                sock, address = await loop.sock_accept(listener)
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(0.1, self._listen, listener)
+                return
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # room for a few DATA frames in flight
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
