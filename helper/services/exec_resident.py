@@ -362,9 +362,9 @@ class _Client:
     def __init__(self, fd: int, timeout: object, *, started: bool = True) -> None:
         if timeout is not None and not isinstance(timeout, int | float):
             raise TypeError("timeout must be a number or null")
-        self.sock = socket.socket(fileno=fd)
-        self.sock.setblocking(False)
-        self.fd = fd
+        # The daemon made the socket non-blocking (the flag belongs to the shared open file);
+        # plain reads and writes on the descriptor need no socket object.
+        self._fd = self.fd = fd
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timed_out = False
         self.started = started
@@ -373,7 +373,7 @@ class _Client:
 
     def readable(self) -> list[int]:
         try:
-            data = self.sock.recv(65536)
+            data = os.read(self._fd, 65536)
         except BlockingIOError:
             return []
         except OSError:
@@ -398,7 +398,7 @@ class _Client:
 
     def send(self, event: Event) -> None:
         with contextlib.suppress(OSError):  # a client that has gone learns nothing more
-            self.sock.sendall(encode_event(event))
+            os.write(self._fd, encode_event(event))  # a few bytes: one write, or the client is gone
 
     def close(self) -> None:
-        self.sock.close()
+        os.close(self._fd)
