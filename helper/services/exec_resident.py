@@ -58,9 +58,11 @@ from .exec_spawn import (
     STATUS_ERROR,
     SpawnSpec,
     Supervisor,
+    _check,
     _close_std,
     _enter,
     _kill_tree,
+    _libc,
     _prepare,
     _report_exit,
     _start,
@@ -91,6 +93,7 @@ RETIRING: Final = b"R"
 #: In the tail of an exit message: the resident killed the command at its timeout.
 TIMED_OUT: Final = b"T"
 _STD_FDS: Final = 3
+_PR_SET_DUMPABLE: Final = 4
 _MAX_JOB: Final = 256 * 1024
 _FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
 
@@ -251,6 +254,9 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
     failure: OSError | None = None
     try:
         _enter(base)
+        # It serves one client after another: no command of the same uid may ptrace it or read
+        # its memory or descriptors (dropping from root already did this; be explicit).
+        _check(_libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     except OSError as exc:
         failure = exc  # reported to the first job, then this resident exits
     cpu = dict(base.rlimits).get(resource.RLIMIT_CPU)

@@ -198,6 +198,15 @@ def test_client_disconnect_kills_the_tree(helper: Helper) -> None:
     wait_until(lambda: processes_with("sleep 350") == [], what="the tree to be killed")
 
 
+def test_a_command_cannot_look_into_its_supervisor() -> None:
+    # The supervisor has the command's uid and serves one client after another: its memory,
+    # environment and descriptors stay closed to the commands it runs.
+    script = "cat /proc/$PPID/environ; ls /proc/$PPID/fd; head -c1 /proc/$PPID/mem"
+    done = client.run(["sh", script], capture_output=True, text=True)
+    assert done.stdout == ""
+    assert done.stderr.count("Permission denied") == 3, done.stderr
+
+
 def test_environment_is_clean() -> None:
     done = client.run(["env"], capture_output=True, text=True)
     assert sorted(done.stdout.splitlines()) == ["LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin"]
