@@ -157,7 +157,7 @@ def _pipes() -> tuple[int, int, int, int]:
 
 def spawn(spec: SpawnSpec) -> Supervisor:
     """Fork a supervisor for *spec* from this process; return at once (the status pipe reports
-    the start).  Slower than :meth:`Forker.spawn`, which it backs up."""
+    the start).  Slower than the forker's supervisors, which it backs up."""
     status_r, status_w, control_r, control_w = _pipes()
     try:
         pid = os.fork()

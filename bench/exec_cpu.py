@@ -1,0 +1,126 @@
+"""Benchmark: CPU time per exec call, by process, through chroot-helper against ``subprocess.run``.
+
+Wall-clock ratios (``bench/exec_latency.py``) swing with whatever else runs on a shared machine;
+CPU time per call moves much less, and says where the time goes.  Starts a real
+``chroot-helper serve`` (the configuration of ``exec_latency.py``), runs ``/bin/true`` through
+it from a jailed client process, and prints the CPU milliseconds per call spent in the client,
+the daemon, the supervisors and the commands; then the same for ``subprocess.run(["/bin/true"])``
+(the caller, and the command).  Asserts nothing.  Usage::
+
+    .venv/bin/python bench/exec_cpu.py [--calls 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from exec_latency import enter_empty_jail, start_helper
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of *pid*."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = int(fields[11]) + int(fields[12])
+    children = int(fields[13]) + int(fields[14])
+    return own / _TICK, children / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _client(jail: Path, calls: int, queue: multiprocessing.Queue[float]) -> None:
+    from chroot_helper import client
+
+    enter_empty_jail(jail)
+    for _ in range(20):
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+    start = time.process_time()
+    for _ in range(calls):
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+    queue.put(time.process_time() - start)
+
+
+def helper_cpu(jail: Path, daemon: int, calls: int) -> dict[str, float]:
+    """CPU ms per call of each process class, measured around *calls* calls."""
+    queue: multiprocessing.Queue[float] = multiprocessing.Queue()
+    warm = multiprocessing.Process(target=_client, args=(jail, 50, queue))
+    warm.start()
+    queue.get(timeout=600)
+    warm.join()
+    forker = _children(daemon)[0]
+    supervisors = _children(forker)
+    before = [_cpu(pid) for pid in (daemon, *supervisors)]
+    proc = multiprocessing.Process(target=_client, args=(jail, calls, queue))
+    proc.start()
+    client_seconds = queue.get(timeout=600)
+    proc.join()
+    after = [_cpu(pid) for pid in (daemon, *supervisors)]
+    spent = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    per_call = 1e3 / calls
+    return {
+        "client": client_seconds * per_call,
+        "daemon": spent[0][0] * per_call,
+        "supervisors": sum(own for own, _ in spent[1:]) * per_call,
+        "commands": sum(reaped for _, reaped in spent[1:]) * per_call,
+    }
+
+
+def host_cpu(calls: int) -> dict[str, float]:
+    self_before = resource.getrusage(resource.RUSAGE_SELF)
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    for _ in range(calls):
+        subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    self_after = resource.getrusage(resource.RUSAGE_SELF)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def used(a: resource.struct_rusage, b: resource.struct_rusage) -> float:
+        return (a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime) * 1e3 / calls
+
+    return {
+        "caller": used(self_after, self_before),
+        "commands": used(children_after, children_before),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    ns = parser.parse_args()
+    multiprocessing.set_start_method("fork")
+    base = Path(tempfile.mkdtemp(prefix="chroot-helper-bench-"))
+    base.chmod(0o755)
+    proc = None
+    try:
+        proc, sock = start_helper(base)
+        os.environ["CHROOT_HELPER_SOCKET"] = sock
+        time.sleep(0.5)  # the forker's first supervisors
+        via = helper_cpu(base / "jail", proc.pid, ns.calls)
+        host = host_cpu(ns.calls)
+        print("CPU ms per /bin/true call (user + system; the machine may be shared):")
+        print("  helper: " + ", ".join(f"{k} {v:.3f}" for k, v in via.items()))
+        print(f"          total {sum(via.values()):.3f}")
+        print("  host:   " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
+        print(f"          total {sum(host.values()):.3f}")
+        overhead = via["client"] + via["daemon"] + via["supervisors"]
+        print(f"  helper overhead (client + daemon + supervisors) {overhead:.3f}")
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
