@@ -4,8 +4,9 @@ Wall-clock ratios (``bench/exec_latency.py``) swing with whatever else runs on a
 CPU time per call moves much less, and says where the time goes.  Starts a real
 ``chroot-helper serve`` (the configuration of ``exec_latency.py``), runs ``/bin/true`` through
 it from a jailed client process, and prints the CPU milliseconds per call spent in the client,
-the daemon, the supervisors and the commands; then the same for ``subprocess.run(["/bin/true"])``
-(the caller, and the command).  Asserts nothing.  Usage::
+the daemon, and under the forker (the forker, the supervisors and the commands they run, alive
+or exited); then the same for ``subprocess.run(["/bin/true"])`` (the caller, and the command).
+Asserts nothing.  Usage::
 
     .venv/bin/python bench/exec_cpu.py [--calls 2000]
 """
@@ -28,16 +29,23 @@ from exec_latency import enter_empty_jail, start_helper
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu(pid: int) -> tuple[float, float]:
-    """(own, reaped children's) CPU seconds of *pid*."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = int(fields[11]) + int(fields[12])
-    children = int(fields[13]) + int(fields[14])
-    return own / _TICK, children / _TICK
+def _cpu(pid: int) -> float:
+    """CPU seconds of *pid* and of the children it has reaped (0 once it has gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return sum(int(field) for field in fields[11:15]) / _TICK
 
 
 def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _under(forker: int, supervisors: list[int]) -> float:
+    """CPU of the forker and everything it forked: a supervisor that exits moves from its own
+    count to the forker's reaped children."""
+    return _cpu(forker) + sum(_cpu(pid) for pid in supervisors)
 
 
 def _client(jail: Path, calls: int, queue: multiprocessing.Queue[float]) -> None:
@@ -60,20 +68,21 @@ def helper_cpu(jail: Path, daemon: int, calls: int) -> dict[str, float]:
     queue.get(timeout=600)
     warm.join()
     forker = _children(daemon)[0]
-    supervisors = _children(forker)
-    before = [_cpu(pid) for pid in (daemon, *supervisors)]
+    before_supervisors = _children(forker)
+    daemon_before = _cpu(daemon)  # the forker runs on: it is not among its reaped children
+    under_before = _under(forker, before_supervisors)
     proc = multiprocessing.Process(target=_client, args=(jail, calls, queue))
     proc.start()
     client_seconds = queue.get(timeout=600)
     proc.join()
-    after = [_cpu(pid) for pid in (daemon, *supervisors)]
-    spent = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    supervisors = sorted(set(before_supervisors) | set(_children(forker)))
+    under_after = _under(forker, supervisors)
+    daemon_after = _cpu(daemon)
     per_call = 1e3 / calls
     return {
         "client": client_seconds * per_call,
-        "daemon": spent[0][0] * per_call,
-        "supervisors": sum(own for own, _ in spent[1:]) * per_call,
-        "commands": sum(reaped for _, reaped in spent[1:]) * per_call,
+        "daemon": (daemon_after - daemon_before) * per_call,
+        "supervisors and commands": (under_after - under_before) * per_call,
     }
 
 
@@ -113,8 +122,7 @@ def main() -> None:
         print(f"          total {sum(via.values()):.3f}")
         print("  host:   " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
         print(f"          total {sum(host.values()):.3f}")
-        overhead = via["client"] + via["daemon"] + via["supervisors"]
-        print(f"  helper overhead (client + daemon + supervisors) {overhead:.3f}")
+        print(f"  ratio of totals {sum(via.values()) / sum(host.values()):.2f}")
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
