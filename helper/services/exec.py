@@ -414,6 +414,8 @@ class _Run:
         log.debug("%s: exec %s", self.channel.peer, cmd.name)
         status = _StatusReader(sup.status_fd, messages=sup.resident is not None)
         tasks: list[asyncio.Task[None]] = []
+        if sup.handed_off:  # its outcome may be read early, to release the slot (settle)
+            self.service.handoffs[self.channel] = status
         try:
             started = await status.read_start()
             if started is not None:
@@ -472,6 +474,7 @@ class _Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
+            self.service.handoffs.pop(self.channel, None)
             if sup in self.running:  # not yet released by ExecService.stop
                 self.running.discard(sup)
                 self.service.release(sup, reusable=status.reusable)  # kills a running tree
@@ -480,11 +483,7 @@ class _Run:
 
     async def _await_outcome(self, status: _StatusReader) -> None:
         """The resident talks to the client: wait for the outcome it reports first."""
-        self.service.handoffs[self.channel] = status
-        try:
-            returncode = await status.read_exit()
-        finally:
-            self.service.handoffs.pop(self.channel, None)
+        returncode = await status.read_exit()
         name = self.call.command.name
         if status.timed_out:
             log.warning("%s: %s timed out after %s s", self.channel.peer, name, self.call.timeout)

@@ -320,6 +320,18 @@ def test_global_concurrency_limit_refuses_every_peer_then_recovers(
         assert small.run_client("client.run(['echo', 'x'])").returncode == 0
 
 
+def test_a_client_may_run_again_as_soon_as_it_has_the_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The supervisor reports the end to the daemon before it sends EXIT to the client, and the
+    # daemon takes that report into account before refusing a request as over the limit.
+    with running_helper(COMMANDS, helper_table="max_per_peer = 1") as single:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", single.socket)
+        for _ in range(300):
+            done = client.run(["echo", "x"], stdin=client.DEVNULL, stdout=client.DEVNULL)
+            assert done.returncode == 0
+
+
 def test_idle_connection_is_dropped_after_request_timeout() -> None:
     with running_helper(COMMANDS, helper_table="request_timeout = 0.5") as quick:
         events = []
