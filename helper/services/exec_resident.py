@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import resource
@@ -287,11 +286,14 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
                 continue
             try:
                 job = json.loads(data)
-                spec = dataclasses.replace(
-                    base,
+                spec = SpawnSpec(
                     argv=job["argv"],
                     env=job["env"],
                     cwd=job["cwd"],
+                    uid=base.uid,
+                    gid=base.gid,
+                    groups=base.groups,
+                    rlimits=base.rlimits,
                     stdin=fds[0],
                     stdout=fds[1],
                     stderr=fds[2],
@@ -374,8 +376,7 @@ class _Client:
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timed_out = False
         self.started = started
-        self.conn = Connection(Role.SERVER)
-        self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read the REQUEST
+        self.conn: Connection | None = None  # made when the client first sends something
 
     def readable(self) -> list[int]:
         try:
@@ -385,6 +386,9 @@ class _Client:
         except OSError:
             data = b""
         signals: list[int] = []
+        if self.conn is None:
+            self.conn = Connection(Role.SERVER)
+            self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read REQUEST
         try:
             self.conn.receive_data(data)
             while (event := self.conn.next_event()) is not NEED_DATA:
