@@ -17,14 +17,11 @@ import argparse
 import multiprocessing
 import os
 import resource
-import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
-from exec_latency import enter_empty_jail, start_helper
+from exec_latency import helper_latency, helper_running
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -48,22 +45,10 @@ def _under(forker: int, supervisors: list[int]) -> float:
     return _cpu(forker) + sum(_cpu(pid) for pid in supervisors)
 
 
-def _client(jail: Path, calls: int, queue: multiprocessing.Queue[float]) -> None:
-    from chroot_helper import client
-
-    enter_empty_jail(jail)
-    for _ in range(20):
-        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
-    start = time.process_time()
-    for _ in range(calls):
-        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
-    queue.put(time.process_time() - start)
-
-
 def helper_cpu(jail: Path, daemon: int, calls: int) -> dict[str, float]:
     """CPU ms per call of each process class, measured around *calls* calls."""
     queue: multiprocessing.Queue[float] = multiprocessing.Queue()
-    warm = multiprocessing.Process(target=_client, args=(jail, 50, queue))
+    warm = multiprocessing.Process(target=helper_latency, args=(jail, 50, queue))
     warm.start()
     queue.get(timeout=600)
     warm.join()
@@ -71,9 +56,11 @@ def helper_cpu(jail: Path, daemon: int, calls: int) -> dict[str, float]:
     before_supervisors = _children(forker)
     daemon_before = _cpu(daemon)  # the forker runs on: it is not among its reaped children
     under_before = _under(forker, before_supervisors)
-    proc = multiprocessing.Process(target=_client, args=(jail, calls, queue))
+    proc = multiprocessing.Process(
+        target=helper_latency, args=(jail, calls, queue, time.process_time)
+    )
     proc.start()
-    client_seconds = queue.get(timeout=600)
+    client_seconds = queue.get(timeout=600) * calls
     proc.join()
     supervisors = sorted(set(before_supervisors) | set(_children(forker)))
     under_after = _under(forker, supervisors)
@@ -108,12 +95,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000)
     ns = parser.parse_args()
     multiprocessing.set_start_method("fork")
-    base = Path(tempfile.mkdtemp(prefix="chroot-helper-bench-"))
-    base.chmod(0o755)
-    proc = None
-    try:
-        proc, sock = start_helper(base)
-        os.environ["CHROOT_HELPER_SOCKET"] = sock
+    with helper_running() as (proc, _, base):
         time.sleep(0.5)  # the forker's first supervisors
         via = helper_cpu(base / "jail", proc.pid, ns.calls)
         host = host_cpu(ns.calls)
@@ -123,11 +105,6 @@ def main() -> None:
         print("  host:   " + ", ".join(f"{k} {v:.3f}" for k, v in host.items()))
         print(f"          total {sum(host.values()):.3f}")
         print(f"  ratio of totals {sum(via.values()) / sum(host.values()):.2f}")
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":
