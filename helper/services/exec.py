@@ -417,7 +417,7 @@ class _Run:
         if sup.handed_off:  # its outcome may be read early, to release the slot (settle)
             self.service.handoffs[self.channel] = status
         try:
-            started = await status.read_start()
+            started = await status.read_start(handed_off=sup.handed_off)
             if started is not None:
                 _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
                 readers, stdin_w = {}, None
@@ -627,11 +627,12 @@ class _StatusReader:
             _wake(self._waiter)
         return self.buffer[:1] == STATUS_EXIT and len(self.buffer) >= 1 + _CODE.size
 
-    async def read_start(self) -> str | None:
+    async def read_start(self, *, handed_off: bool = False) -> str | None:
         """None once the command started, else the reason it could not.  (A resident that talks
-        to the client itself sends no start message: its exit status counts as the start.)"""
+        to the client itself sends no start message: its exit status counts as the start, and
+        its death as a kill, as for any supervisor that dies while its command runs.)"""
         await self._fill(1)
-        if self.buffer[:1] == STATUS_EXIT:
+        if self.buffer[:1] == STATUS_EXIT or (handed_off and not self.buffer):
             return None
         tag, self.buffer = self.buffer[:1], self.buffer[1:]
         if tag == b"S":

@@ -207,6 +207,16 @@ def test_a_command_cannot_look_into_its_supervisor() -> None:
     assert done.stderr.count("Permission denied") == 3, done.stderr
 
 
+def test_a_command_that_kills_its_supervisor_gets_sigkill_and_the_helper_goes_on() -> None:
+    # Whether the supervisor talks to the client itself or the daemon relays (capture_output),
+    # its death ends the command's call like a kill.
+    killed = client.run(["sh", "kill -9 $PPID"], stdin=client.DEVNULL, stdout=client.DEVNULL)
+    assert killed.returncode == -signal.SIGKILL
+    relayed = client.run(["sh", "kill -9 $PPID"], capture_output=True)
+    assert relayed.returncode == -signal.SIGKILL
+    assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
+
+
 def test_environment_is_clean() -> None:
     done = client.run(["env"], capture_output=True, text=True)
     assert sorted(done.stdout.splitlines()) == ["LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin"]
