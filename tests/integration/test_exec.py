@@ -212,7 +212,8 @@ def test_a_command_that_kills_its_supervisor_gets_sigkill_and_the_helper_goes_on
     # its death ends the command's call like a kill.
     killed = client.run(["sh", "kill -9 $PPID"], stdin=client.DEVNULL, stdout=client.DEVNULL)
     assert killed.returncode == -signal.SIGKILL
-    relayed = client.run(["sh", "kill -9 $PPID"], capture_output=True)
+    # Relayed, the daemon feeds stdin only once the supervisor has reported the start.
+    relayed = client.run(["sh", "read go; kill -9 $PPID"], input=b"go\n", capture_output=True)
     assert relayed.returncode == -signal.SIGKILL
     assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
 
