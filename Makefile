@@ -84,6 +84,7 @@ fuzz: install
 bench: install
 	$(BIN)/python bench/jail_overhead.py
 	$(BIN)/python bench/exec_latency.py
+	$(BIN)/python bench/exec_cpu.py
 	$(BIN)/python bench/dns_stub.py
 	$(BIN)/python bench/dns_qps.py
 	$(BIN)/python bench/mail_throughput.py

@@ -20,6 +20,7 @@ Prints ratios; asserts nothing.  Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CONFIG = """
@@ -77,6 +79,24 @@ def start_helper(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit(f"helper did not start; see {base / 'helper.log'}")
 
 
+@contextlib.contextmanager
+def helper_running() -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """A helper on a fresh temporary directory: (process, socket path, directory); stopped and
+    removed afterwards.  Sets ``$CHROOT_HELPER_SOCKET``."""
+    base = Path(tempfile.mkdtemp(prefix="chroot-helper-bench-"))
+    base.chmod(0o755)
+    proc = None
+    try:
+        proc, sock = start_helper(base)
+        os.environ["CHROOT_HELPER_SOCKET"] = sock
+        yield proc, sock, base
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def enter_empty_jail(jail: Path) -> None:
     """chroot into *jail* (which holds only run/) when root; the client must work from there."""
     if os.geteuid() == 0:
@@ -85,16 +105,22 @@ def enter_empty_jail(jail: Path) -> None:
         os.environ["CHROOT_HELPER_SOCKET"] = "/run/chroot-helper.sock"
 
 
-def helper_latency(jail: Path, iterations: int, queue: multiprocessing.Queue[float]) -> None:
+def helper_latency(
+    jail: Path,
+    iterations: int,
+    queue: multiprocessing.Queue[float],
+    clock: Callable[[], float] = time.perf_counter,
+) -> None:
+    """Put the *clock* seconds per ``/bin/true`` call through the helper on *queue*."""
     from chroot_helper import client
 
     enter_empty_jail(jail)
     for _ in range(20):
         client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(iterations):
         client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
-    queue.put((time.perf_counter() - start) / iterations)
+    queue.put((clock() - start) / iterations)
 
 
 def host_latency(iterations: int) -> float:
@@ -208,12 +234,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16)
     ns = parser.parse_args()
     multiprocessing.set_start_method("fork")
-    base = Path(tempfile.mkdtemp(prefix="chroot-helper-bench-"))
-    base.chmod(0o755)
-    proc = None
-    try:
-        proc, sock = start_helper(base)
-        os.environ["CHROOT_HELPER_SOCKET"] = sock
+    with helper_running() as (_, sock, base):
         jail = base / "jail"
         where = "an empty chroot" if os.geteuid() == 0 else "a plain process (not root)"
         print(f"client runs in {where}; helper socket {sock}")
@@ -264,11 +285,6 @@ def main() -> None:
             f"3. {ns.workers} concurrent clients: host threads {host_cps:.0f} calls/s, "
             f"helper {via_cps:.0f} calls/s, ratio {via_cps / host_cps:.2f}x (goal >= 1.0x)"
         )
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import os
 import selectors
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import IO, Final, Literal, overload
@@ -87,6 +88,17 @@ _CHUNK: Final = MAX_DATA_PAYLOAD - 1
 _RECV: Final = 1 << 20
 
 Stream = int | IO[bytes] | IO[str] | None
+
+_local = threading.local()
+
+
+def _scratch() -> memoryview:
+    """This thread's receive buffer, allocated once (a fresh megabyte per call would cost its page
+    faults every time); what is read into it is copied into the parser at once."""
+    view: memoryview | None = getattr(_local, "view", None)
+    if view is None:
+        view = _local.view = memoryview(bytearray(_RECV))
+    return view
 
 
 class HelperUnavailable(HelperError, ConnectionError):
@@ -161,7 +173,13 @@ class _Session:
     """One connection: send the request with fds, then exchange frames."""
 
     def __init__(
-        self, argv: Sequence[str], modes: dict[str, str], fds: list[int], timeout: float | None
+        self,
+        argv: Sequence[str],
+        modes: dict[str, str],
+        fds: list[int],
+        timeout: float | None,
+        *,
+        started: bool = True,
     ):
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
@@ -170,11 +188,11 @@ class _Session:
         self.is_unix = self.sock.family == socket.AF_UNIX
         self.conn = Connection(Role.CLIENT)
         self.fds = fds
-        self._rbuf = bytearray(_RECV)  # reused: no fresh pages per read
-        self._view = memoryview(self._rbuf)
         params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
         if timeout is not None:
             params["timeout"] = timeout
+        if not started:
+            params["started"] = False  # run() only waits: no STARTED frame to read
         request = Request(op="exec", params=params, fds=len(fds), token=token)
         frame = self.conn.send(request)
         try:
@@ -194,7 +212,6 @@ class _Session:
 
     def close(self) -> None:
         self.sock.close()
-        self._view.release()
 
     def send(self, event: Data | Signal) -> None:
         if self.conn.our_state is State.DONE or self.sock.fileno() < 0:
@@ -223,11 +240,12 @@ class _Session:
 
     def pull(self) -> None:
         """Receive what the socket has (blocking unless it is non-blocking) into the parser."""
+        view = _scratch()
         try:
-            count = self.sock.recv_into(self._rbuf)
+            count = self.sock.recv_into(view)
         except ConnectionResetError:
             count = 0
-        self.conn.receive_data(self._view[:count])
+        self.conn.receive_data(view[:count])
 
     def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
         """Block (until *deadline*) for the next frame from the helper, skipping STARTED."""
@@ -392,7 +410,7 @@ def run(
                 raise ValueError(f"{name}={value} is not a file descriptor or a known constant")
             modes[name] = "fd"
             fds.append(_fileno(value))
-    session = _Session(argv, modes, fds, timeout)
+    session = _Session(argv, modes, fds, timeout, started=False)
     out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
     try:
         exit_event = _exchange(
@@ -430,33 +448,18 @@ def _exchange(
 ) -> Exit:
     """Send *input* while receiving output, until the EXIT frame (never blocks on one side)."""
     deadline = None if timeout is None else time.monotonic() + timeout + _GRACE
-    view = memoryview(input) if input is not None else None
+    if input is None:
+        return _receive(session, out, forward, deadline, timeout)
+    view: memoryview | None = memoryview(input)
     pending = b""
     sock = session.sock
     sock.setblocking(False)
     with selectors.DefaultSelector() as sel:
-        sel.register(
-            sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if view is not None else 0)
-        )
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
         while True:
-            # Handle every complete frame already buffered before blocking again.
-            while True:
-                event = session.conn.next_event()
-                if event is NEED_DATA:
-                    break
-                if event is CLOSED:
-                    raise RemoteProtocolError("the helper closed the connection without a reply")
-                if isinstance(event, Data):
-                    if event.stream in forward:
-                        _write_fd(forward[event.stream], event.data)
-                    else:
-                        out[event.stream].append(event.data)
-                elif isinstance(event, Exit):
-                    return event
-                elif isinstance(event, Error):
-                    _raise_error(event)
-                elif not isinstance(event, Started):
-                    raise LocalProtocolError(f"unexpected {type(event).__name__} for exec")
+            exit_event = _handle_buffered(session, out, forward)
+            if exit_event is not None:
+                return exit_event
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise subprocess.TimeoutExpired(session.argv, timeout or 0.0)
@@ -480,6 +483,53 @@ def _exchange(
                         session.pull()
                     except BlockingIOError:
                         continue
+
+
+def _receive(
+    session: _Session,
+    out: dict[int, list[bytes]],
+    forward: dict[int, int],
+    deadline: float | None,
+    timeout: float | None,
+) -> Exit:
+    """Receive output until the EXIT frame, blocking in ``recv`` (there is nothing to send)."""
+    sock = session.sock
+    while True:
+        exit_event = _handle_buffered(session, out, forward)
+        if exit_event is not None:
+            return exit_event
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(session.argv, timeout or 0.0)
+            sock.settimeout(remaining)
+        try:
+            session.pull()
+        except TimeoutError:
+            continue  # the deadline check above raises
+
+
+def _handle_buffered(
+    session: _Session, out: dict[int, list[bytes]], forward: dict[int, int]
+) -> Exit | None:
+    """Handle every complete frame already received; return the EXIT frame once it is there."""
+    while True:
+        event = session.conn.next_event()
+        if event is NEED_DATA:
+            return None
+        if event is CLOSED:
+            raise RemoteProtocolError("the helper closed the connection without a reply")
+        if isinstance(event, Data):
+            if event.stream in forward:
+                _write_fd(forward[event.stream], event.data)
+            else:
+                out[event.stream].append(event.data)
+        elif isinstance(event, Exit):
+            return event
+        elif isinstance(event, Error):
+            _raise_error(event)
+        elif not isinstance(event, Started):
+            raise LocalProtocolError(f"unexpected {type(event).__name__} for exec")
 
 
 def _write_fd(fd: int, data: bytes) -> None:

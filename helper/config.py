@@ -80,8 +80,9 @@ class CommandConfig:
     :param cpu: RLIMIT_CPU seconds (default: ``timeout`` rounded up).
     :param max_memory: RLIMIT_AS bytes, or None for no limit.
     :param max_processes: RLIMIT_NPROC, or None.  The kernel counts every process of the uid,
-        supervisors included (one per running command), so allow about 2 x max_concurrent
-        plus what the commands fork.
+        supervisors included (one per running command, and up to 32 idle ones kept ready per
+        uid/limits combination), so allow about 2 x max_concurrent + 32 plus what the commands
+        fork.
     :param max_open_files: RLIMIT_NOFILE.
     :param max_file_size: RLIMIT_FSIZE bytes, or None.
     :param network: False runs the command in a new, empty network namespace (needs root).

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import importlib
 import logging
@@ -91,6 +92,8 @@ _PEERCRED: Final = struct.Struct("3i")
 _RECV_SIZE: Final = 256 * 1024
 _SNDBUF: Final = 2 << 20
 _FD_SPACE: Final = ancillary_space(MAX_FDS)
+#: Connections accepted in one go when the listener turns readable.
+_ACCEPT_BATCH: Final = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,10 +142,30 @@ class Channel:
     with :meth:`receive`, and own the descriptors they :meth:`take_fds`.
     """
 
-    def __init__(self, conn: _ServerConnection, peer: Peer, fds: list[int]) -> None:
+    def __init__(
+        self,
+        conn: _ServerConnection,
+        peer: Peer,
+        fds: list[int],
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
         self._conn = conn
         self.peer = peer
         self._fds = fds
+        self._release = release
+
+    def release(self) -> None:
+        """Stop counting this request against the concurrency limits now, before the handler
+        returns (its work is over; see :meth:`Service.settle`)."""
+        self._release()
+
+    def handoff_fd(self) -> int | None:
+        """The connection's socket, for a handler that hands the rest of the exchange to another
+        process (which gets a duplicate); None when the client has already sent more than the
+        request, which the other process would miss."""
+        if self._conn.proto.buffered:
+            return None
+        return self._conn.sock.fileno()
 
     def take_fds(self) -> list[int]:
         """Return the fds that came with the request; the caller must close them."""
@@ -186,6 +209,10 @@ class Service:
 
     async def stop(self) -> None:
         """Stop what :meth:`start` started."""
+
+    def settle(self) -> None:
+        """Without waiting, release (:meth:`Channel.release`) the requests whose work has already
+        ended; the server calls this before it refuses a request as over a concurrency limit."""
 
     def handlers(self) -> dict[str, Handler]:
         """Return ``{op: bound handle_<op> method}``."""
@@ -344,7 +371,7 @@ class HelperServer:
             await self.close()
             raise
         for listener in self._listeners:
-            self._spawn(self._accept_loop(listener))
+            self._listen(listener)
         log.info(
             "serving %s%s; ops: %s",
             self.config.socket,
@@ -367,7 +394,9 @@ class HelperServer:
         log.info("stopped")
 
     def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
         for listener in self._listeners:
+            loop.remove_reader(listener.fileno())
             if listener.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     if os.stat(self.config.socket).st_ino == os.fstat(listener.fileno()).st_ino:
@@ -434,15 +463,24 @@ class HelperServer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _listen(self, listener: socket.socket) -> None:
+        """Accept on *listener* whenever it is readable (one registration for its whole life)."""
+        if listener.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, listener)
+
+    def _accept(self, listener: socket.socket) -> None:
+        """Accept every connection waiting (at most :data:`_ACCEPT_BATCH`), each in a task."""
+        for _ in range(_ACCEPT_BATCH):
             try:
-                sock, address = await loop.sock_accept(listener)
+                sock, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as exc:  # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(0.1, self._listen, listener)
+                return
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # room for a few DATA frames in flight
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
@@ -475,7 +513,13 @@ class HelperServer:
             raise PeerRefusedError("wrong or missing token on the TCP listener")
 
     @contextlib.contextmanager
-    def _slot(self, peer: Peer) -> Iterator[None]:
+    def _slot(self, peer: Peer) -> Iterator[Callable[[], None]]:
+        if (
+            self._active >= self.config.max_concurrent
+            or self._per_peer[peer.key] >= self.config.max_per_peer
+        ):
+            for service in self.services:
+                service.settle()
         if self._active >= self.config.max_concurrent:
             raise BusyError(
                 f"{self._active} requests are running, the limit [helper] max_concurrent = "
@@ -488,13 +532,21 @@ class HelperServer:
             )
         self._active += 1
         self._per_peer[peer.key] += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self._active -= 1
+                self._per_peer[peer.key] -= 1
+                if not self._per_peer[peer.key]:
+                    del self._per_peer[peer.key]
+
         try:
-            yield
+            yield release
         finally:
-            self._active -= 1
-            self._per_peer[peer.key] -= 1
-            if not self._per_peer[peer.key]:
-                del self._per_peer[peer.key]
+            release()
 
     def _check_idle(self, peer: Peer) -> None:
         """Idle connections count per process and per uid, so no peer fills max_connections."""
@@ -515,7 +567,8 @@ class HelperServer:
         keys = (peer.key, peer.owner)
         self._waiting.update(keys)
         try:
-            return await asyncio.wait_for(conn.next_event(), self.config.request_timeout)
+            async with asyncio.timeout(self.config.request_timeout):
+                return await conn.next_event()
         except TimeoutError:
             raise RemoteProtocolError(
                 f"no request within [helper] request_timeout = {self.config.request_timeout} s"
@@ -532,7 +585,7 @@ class HelperServer:
         self._connections += 1
         counted = True
 
-        def release() -> None:  # before an error reply: a refused client holds no slot
+        def release_connection() -> None:  # before an error reply: a refused client holds no slot
             nonlocal counted
             if counted:
                 self._connections -= 1
@@ -564,9 +617,9 @@ class HelperServer:
                     f"{', '.join(sorted(self.handlers))}"
                 )
             log.debug("%s: request %s", peer, event.op)
-            with self._slot(peer):
+            with self._slot(peer) as release:
                 fds, conn.fds = conn.fds, []
-                channel = Channel(conn, peer, fds)
+                channel = Channel(conn, peer, fds, release)
                 try:
                     await handler(event, channel)
                 finally:
@@ -576,7 +629,7 @@ class HelperServer:
                 logging.WARNING if isinstance(exc, RequestError | ProtocolError) else logging.ERROR
             )
             log.log(level, "%s: %s", peer or "peer", exc)
-            release()
+            release_connection()
             await self._send_error(conn, error_code(exc), str(exc))
         except (ConnectionError, BrokenPipeError) as exc:
             log.info("%s: connection lost (%s)", peer or "peer", exc)
@@ -584,10 +637,10 @@ class HelperServer:
             raise
         except Exception:
             log.exception("%s: internal error", peer or "peer")
-            release()
+            release_connection()
             await self._send_error(conn, "request", "internal error in chroot-helper; see its log")
         finally:
-            release()
+            release_connection()
             if conn is not None:
                 _close_fds(conn.fds)
             sock.close()
@@ -619,6 +672,9 @@ async def serve(
     """Run a :class:`HelperServer` until *stop* is set; call *ready* once it accepts connections."""
     server = HelperServer(config, services)
     await server.start()
+    # What exists now lives as long as the daemon: keep it out of the collector's full passes,
+    # which would otherwise walk it all every few hundred requests.
+    gc.freeze()
     try:
         if ready is not None:
             ready()

@@ -12,10 +12,12 @@ Request parameters (op ``exec``)::
      "stdin":  "pipe" | "fd" | "null",    # pipe: DATA frames; fd: passed with SCM_RIGHTS
      "stdout": "pipe" | "fd" | "null",
      "stderr": "pipe" | "fd" | "null" | "stdout",
-     "timeout": 5.0 | null}               # may only shorten the configured timeout
+     "timeout": 5.0 | null,               # may only shorten the configured timeout
+     "started": true}                     # false: no STARTED frame (the caller just waits)
 
 Passed fds come in the order stdin, stdout, stderr (only those whose mode is ``"fd"``).  The reply
-is DATA frames for piped output as it is produced, then one EXIT frame.  ``max_output`` counts only
+is a STARTED frame once the command runs (unless ``started`` is false), DATA frames for piped
+output as it is produced, then one EXIT frame.  ``max_output`` counts only
 piped output: a caller that passes its own fds keeps what the command writes (``max_file_size``
 still caps regular files).
 """
@@ -39,24 +41,22 @@ from ..errors import CommandError, RemoteProtocolError
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
-from .exec_spawn import KILL_TREE, STATUS_EXIT, Forker, SpawnSpec, Supervisor, spawn
+from .exec_forker import Forker
+from .exec_resident import RETIRING, TIMED_OUT, ResidentPool, identity_of
+from .exec_spawn import (
+    FORWARDED_SIGNALS,
+    KILL_TREE,
+    STATUS_ERROR,
+    STATUS_EXIT,
+    SpawnSpec,
+    Supervisor,
+    spawn,
+)
 
 __all__ = ["ExecService", "FORWARDED_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
-#: Signals a client may forward to its command's process group.
-FORWARDED_SIGNALS: Final = frozenset(
-    {
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGHUP,
-        signal.SIGKILL,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-    }
-)
 _MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
     "stdout": ("pipe", "fd", "null"),
@@ -74,6 +74,7 @@ class _Call:
     args: tuple[str, ...]
     modes: Mapping[str, str]
     timeout: float
+    started: bool = True
 
 
 def _str_list(value: object, key: str) -> tuple[str, ...]:
@@ -102,34 +103,101 @@ class ExecService(Service):
             caps.add(CAP_SYS_ADMIN)
         self.capabilities = frozenset(caps)
         self._forker: Forker | None = None
+        self._pool: ResidentPool | None = None
         self._forker_pids: list[int] = []
+        #: /dev/null for reading and for writing, shared by every command with a "null" stream.
+        self.null_fds: tuple[int, int] = (-1, -1)
+        #: Commands whose resident talks to the client, and where their outcome arrives.
+        self.handoffs: dict[Channel, _StatusReader] = {}
+        self._rlimits = {name: _rlimits(cmd) for name, cmd in self.commands.items()}
+        self._identities = {
+            name: identity_of(
+                uid=cmd.uid, gid=cmd.gid, groups=cmd.groups, rlimits=self._rlimits[name]
+            )
+            for name, cmd in self.commands.items()
+        }
 
     async def start(self) -> None:
-        """Start the forker that keeps supervisors ready (see :class:`Forker`)."""
+        """Start the forker that forks supervisors off the loop (see
+        :mod:`~chroot_helper.services.exec_forker`)."""
         if self.commands:
-            self._forker = Forker.start(self.capabilities)
+            self.null_fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
+            one_shot = any(not _resident(cmd) for cmd in self.commands.values())
+            self._forker = Forker.start(self.capabilities, pool=one_shot)
             self._forker_pids.append(self._forker.pid)
+            self._pool = ResidentPool(self._forker)
+            for name, cmd in self.commands.items():
+                if _resident(cmd):
+                    self._pool.prewarm(self._identities[name])
 
-    def spawn(self, spec: SpawnSpec) -> Supervisor:
-        """Start a supervisor for *spec*: from the forker's pool, else by forking here."""
-        if self._forker is not None:
+    async def spawn(
+        self,
+        spec: SpawnSpec,
+        *,
+        name: str,
+        client: int | None = None,
+        timeout: float = 0,
+        started: bool = True,
+    ) -> Supervisor:
+        """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
+        pool (for commands with namespaces of their own), else by forking here.
+
+        A resident also takes over the *client* connection when given one (see
+        :meth:`ResidentPool.start`; the result says whether it did).
+        """
+        if self._forker is not None and self._pool is not None:
             try:
+                if spec.network and not spec.pid_namespace:
+                    return await self._pool.start(
+                        spec,
+                        self._identities[name],
+                        client=client,
+                        name=name,
+                        timeout=timeout,
+                        started=started,
+                    )
                 return self._forker.spawn(spec)
             except BlockingIOError:
                 log.info("the forker's queue is full; forking a supervisor in the daemon")
-            except OSError as exc:
+            except ConnectionError as exc:
                 log.warning("the forker is gone (%s); forking supervisors in the daemon", exc)
                 self._forker.close()
                 self._forker = None
+            except OSError as exc:
+                log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
         return spawn(spec)
+
+    def rlimits(self, cmd: CommandConfig) -> list[tuple[int, int]]:
+        """The ``(resource, limit)`` pairs *cmd* runs under."""
+        return self._rlimits[cmd.name]
+
+    def release(self, sup: Supervisor, *, reusable: bool) -> None:
+        """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is
+        closed (which kills a tree still running)."""
+        if sup.resident is not None and self._pool is not None:
+            self._pool.release(sup, reusable=reusable and self._forker is not None)
+            return
+        _close(sup.status_fd)
+        _close(sup.control_fd)
+
+    def settle(self) -> None:
+        """Release the requests whose resident has already reported the outcome."""
+        for channel, status in list(self.handoffs.items()):
+            if status.settle():
+                channel.release()
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first), stop the forker."""
         for sup in list(self._running):
-            _close(sup.control_fd)
+            self.release(sup, reusable=False)
+        self._running.clear()
+        if self._pool is not None:
+            await self._pool.close()
         if self._forker is not None:
             self._forker.close()
             self._forker = None
+        _close_all([fd for fd in self.null_fds if fd >= 0])
+        self.null_fds = (-1, -1)
         for pid in self._forker_pids:
             await _reap(pid)
         self._forker_pids.clear()
@@ -154,7 +222,15 @@ class ExecService(Service):
 
     def _parse(self, request: Request) -> _Call:
         params = request.params
-        unknown = set(params) - {"command", "args", "stdin", "stdout", "stderr", "timeout"}
+        unknown = set(params) - {
+            "command",
+            "args",
+            "stdin",
+            "stdout",
+            "stderr",
+            "timeout",
+            "started",
+        }
         if unknown:
             raise CommandError(f"unknown exec parameter {sorted(unknown)[0]!r}")
         name = params.get("command")
@@ -180,7 +256,10 @@ class ExecService(Service):
             if isinstance(asked, bool) or not isinstance(asked, int | float) or not asked > 0:
                 raise CommandError(f"exec parameter 'timeout' = {asked!r}; expected seconds > 0")
             timeout = min(timeout, float(asked))
-        return _Call(command=command, args=args, modes=modes, timeout=timeout)
+        started = params.get("started", True)
+        if not isinstance(started, bool):
+            raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
+        return _Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
 
     @staticmethod
     def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
@@ -221,6 +300,11 @@ def _close(fd: int) -> None:
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         _close(fd)
+
+
+def _resident(cmd: CommandConfig) -> bool:
+    """Whether resident supervisors run *cmd* (see :mod:`~chroot_helper.services.exec_resident`)."""
+    return cmd.network and not cmd.pid_namespace
 
 
 def _rlimits(cmd: CommandConfig) -> list[tuple[int, int]]:
@@ -269,9 +353,7 @@ class _Run:
                 if mode == "fd":
                     child.append(next(passed))
                 elif mode == "null":
-                    fd = os.open(os.devnull, os.O_RDONLY if index == 0 else os.O_WRONLY)
-                    opened.append(fd)
-                    child.append(fd)
+                    child.append(self.service.null_fds[0 if index == 0 else 1])
                 elif mode == "stdout":
                     child.append(child[1])
                 else:
@@ -307,31 +389,44 @@ class _Run:
                 uid=cmd.uid,
                 gid=cmd.gid,
                 groups=cmd.groups,
-                rlimits=_rlimits(cmd),
+                rlimits=self.service.rlimits(cmd),
                 stdin=child_fds[0],
                 stdout=child_fds[1],
                 stderr=child_fds[2],
                 network=cmd.network,
                 pid_namespace=cmd.pid_namespace,
             )
-            self.sup = self.service.spawn(spec)
+            handoff = None if "pipe" in self.call.modes.values() else self.channel.handoff_fd()
+            self.sup = await self.service.spawn(
+                spec,
+                client=handoff,
+                name=cmd.name,
+                timeout=self.call.timeout,
+                started=self.call.started,
+            )
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
             raise
         finally:
-            _close_all(sorted(set(child_fds) | set(self.passed)))
+            _close_all(sorted((set(child_fds) - set(self.service.null_fds)) | set(self.passed)))
         sup = self.sup
         self.running.add(sup)
-        log.info("%s: exec %s", self.channel.peer, cmd.name)
-        status = _StatusReader(sup.status_fd)
+        log.debug("%s: exec %s", self.channel.peer, cmd.name)
+        status = _StatusReader(sup.status_fd, messages=sup.resident is not None)
         tasks: list[asyncio.Task[None]] = []
+        if sup.handed_off:  # its outcome may be read early, to release the slot (settle)
+            self.service.handoffs[self.channel] = status
         try:
-            started = await status.read_start()
+            started = await status.read_start(handed_off=sup.handed_off)
             if started is not None:
                 _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
                 readers, stdin_w = {}, None
                 raise CommandError(f"[exec.{cmd.name}] could not start: {started}")
-            await self.channel.send(Started())
+            if sup.handed_off:
+                await self._await_outcome(status)
+                return
+            if self.call.started:
+                await self.channel.send(Started())
             pumps = [
                 asyncio.ensure_future(self._pump(fd, stream)) for fd, stream in readers.items()
             ]
@@ -341,7 +436,8 @@ class _Run:
             stdin_w = None
             tasks.append(client)
             try:
-                returncode = await asyncio.wait_for(status.read_exit(), self.call.timeout)
+                async with asyncio.timeout(self.call.timeout):
+                    returncode = await status.read_exit()
             except TimeoutError:
                 self.timed_out = True
                 log.warning(
@@ -354,7 +450,9 @@ class _Run:
             # must not hold its concurrency slot forever.
             grace = max(self.call.timeout, 1.0)
             try:
-                await asyncio.wait_for(asyncio.gather(*pumps), grace)
+                if pumps:
+                    async with asyncio.timeout(grace):
+                        await asyncio.gather(*pumps)
             except TimeoutError:
                 log.warning(
                     "%s: read no output for %s s after %s ended", self.channel.peer, grace, cmd.name
@@ -376,11 +474,22 @@ class _Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
-            status.close()
-            _close(sup.control_fd)  # kills the tree if it still runs
-            self.running.discard(sup)
+            self.service.handoffs.pop(self.channel, None)
+            if sup in self.running:  # not yet released by ExecService.stop
+                self.running.discard(sup)
+                self.service.release(sup, reusable=status.reusable)  # kills a running tree
             if sup.pid is not None:
                 await _reap(sup.pid)
+
+    async def _await_outcome(self, status: _StatusReader) -> None:
+        """The resident talks to the client: wait for the outcome it reports first."""
+        returncode = await status.read_exit()
+        name = self.call.command.name
+        if status.timed_out:
+            log.warning("%s: %s timed out after %s s", self.channel.peer, name, self.call.timeout)
+        if not status.exited:  # the resident died before its report, so before any EXIT frame
+            await self.channel.send(Exit(returncode=returncode))
+        log.info("%s: %s exited %d", self.channel.peer, name, returncode)
 
     def kill(self) -> None:
         """Ask the supervisor to SIGKILL the whole tree now."""
@@ -472,41 +581,80 @@ async def _write_all(fd: int, data: bytes) -> bool:
 
 
 class _StatusReader:
-    """Reads the supervisor's status pipe."""
+    """Reads the supervisor's status: a pipe, or a resident's channel (one message per read).
 
-    def __init__(self, fd: int) -> None:
+    :param messages: the status comes in messages (a resident): an error message is complete
+        as read, and the channel stays open after it.
+    """
+
+    def __init__(self, fd: int, *, messages: bool = False) -> None:
         self.fd = fd
-        os.set_blocking(fd, False)
+        self.messages = messages
+        if not messages:
+            os.set_blocking(fd, False)
         self.buffer = b""
         self.eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        #: The exit status arrived; the supervisor killed the command at its timeout; it can
+        #: serve another command.
+        self.exited = self.timed_out = self.reusable = False
+
+    def _read_some(self) -> bool:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return False
+        self.buffer += data
+        self.eof = not data
+        return True
 
     async def _fill(self, need: int) -> None:
+        loop = asyncio.get_running_loop()
         while len(self.buffer) < need and not self.eof:
-            try:
-                data = os.read(self.fd, 4096)
-            except BlockingIOError:
-                await wait_fd(self.fd)
+            if self._read_some():
                 continue
-            self.buffer += data
-            self.eof = not data
+            self._waiter = loop.create_future()
+            loop.add_reader(self.fd, _wake, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                loop.remove_reader(self.fd)
+                self._waiter = None
 
-    async def read_start(self) -> str | None:
-        """None once the command started, else the reason it could not."""
+    def settle(self) -> bool:
+        """Read what has already arrived, without waiting; True once the exit status is in."""
+        if self._waiter is not None and self._read_some():
+            _wake(self._waiter)
+        return self.buffer[:1] == STATUS_EXIT and len(self.buffer) >= 1 + _CODE.size
+
+    async def read_start(self, *, handed_off: bool = False) -> str | None:
+        """None once the command started, else the reason it could not.  (A resident that talks
+        to the client itself sends no start message: its exit status counts as the start, and
+        its death as a kill, as for any supervisor that dies while its command runs.)"""
         await self._fill(1)
+        if self.buffer[:1] == STATUS_EXIT or (handed_off and not self.buffer):
+            return None
         tag, self.buffer = self.buffer[:1], self.buffer[1:]
         if tag == b"S":
             return None
-        await self._fill(1 << 16)
+        if not (self.messages and tag == STATUS_ERROR):
+            await self._fill(1 << 16)
         return self.buffer.decode(errors="replace") or "the supervisor died"
 
     async def read_exit(self) -> int:
         await self._fill(1 + _CODE.size)
         if self.buffer[:1] != STATUS_EXIT or len(self.buffer) < 1 + _CODE.size:
             return -signal.SIGKILL  # the supervisor itself was killed
+        tail = self.buffer[1 + _CODE.size :]
+        self.exited = True
+        self.timed_out = TIMED_OUT in tail
+        self.reusable = self.messages and RETIRING not in tail
         return int(_CODE.unpack_from(self.buffer, 1)[0])
 
-    def close(self) -> None:
-        _close(self.fd)
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def _reap(pid: int) -> None:

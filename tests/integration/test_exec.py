@@ -198,6 +198,26 @@ def test_client_disconnect_kills_the_tree(helper: Helper) -> None:
     wait_until(lambda: processes_with("sleep 350") == [], what="the tree to be killed")
 
 
+def test_a_command_cannot_look_into_its_supervisor() -> None:
+    # The supervisor has the command's uid and serves one client after another: its memory,
+    # environment and descriptors stay closed to the commands it runs.
+    script = "cat /proc/$PPID/environ; ls /proc/$PPID/fd; head -c1 /proc/$PPID/mem"
+    done = client.run(["sh", script], capture_output=True, text=True)
+    assert done.stdout == ""
+    assert done.stderr.count("Permission denied") == 3, done.stderr
+
+
+def test_a_command_that_kills_its_supervisor_gets_sigkill_and_the_helper_goes_on() -> None:
+    # Whether the supervisor talks to the client itself or the daemon relays (capture_output),
+    # its death ends the command's call like a kill.
+    killed = client.run(["sh", "kill -9 $PPID"], stdin=client.DEVNULL, stdout=client.DEVNULL)
+    assert killed.returncode == -signal.SIGKILL
+    # Relayed, the daemon feeds stdin only once the supervisor has reported the start.
+    relayed = client.run(["sh", "read go; kill -9 $PPID"], input=b"go\n", capture_output=True)
+    assert relayed.returncode == -signal.SIGKILL
+    assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
+
+
 def test_environment_is_clean() -> None:
     done = client.run(["env"], capture_output=True, text=True)
     assert sorted(done.stdout.splitlines()) == ["LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin"]

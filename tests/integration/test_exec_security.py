@@ -143,6 +143,19 @@ def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
     _assert_still_serving()
 
 
+def test_started_frame_is_sent_unless_the_request_declines_it(helper: Helper) -> None:
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo"}))
+    assert events == [protocol.Started(), protocol.Exit(returncode=0)]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": False}))
+    assert events == [protocol.Exit(returncode=0)]
+    events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": "no"}))
+    assert events == [
+        protocol.Error(
+            code="command", message="exec parameter 'started' = 'no'; expected true or false"
+        )
+    ]
+
+
 def test_extra_fds_are_refused_and_closed(helper: Helper) -> None:
     r, w = os.pipe()
     try:
@@ -305,6 +318,18 @@ def test_global_concurrency_limit_refuses_every_peer_then_recovers(
                 proc.wait()
         assert [proc.returncode for proc in procs] == [0, 0]
         assert small.run_client("client.run(['echo', 'x'])").returncode == 0
+
+
+def test_a_client_may_run_again_as_soon_as_it_has_the_exit_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The supervisor reports the end to the daemon before it sends EXIT to the client, and the
+    # daemon takes that report into account before refusing a request as over the limit.
+    with running_helper(COMMANDS, helper_table="max_per_peer = 1") as single:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", single.socket)
+        for _ in range(300):
+            done = client.run(["echo", "x"], stdin=client.DEVNULL, stdout=client.DEVNULL)
+            assert done.returncode == 0
 
 
 def test_idle_connection_is_dropped_after_request_timeout() -> None:

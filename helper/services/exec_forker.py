@@ -1,0 +1,388 @@
+"""The forker: a small copy of the daemon that forks supervisors, off the daemon's event loop.
+
+Forking a copy of the daemon costs about as much as a whole short command (page tables of a Python
+process), so the daemon never does it on a request's path while the forker runs.  The forker:
+
+* keeps :data:`POOL_SIZE` one-shot supervisors forked and prepared (steps 1 and 2 of
+  :mod:`~chroot_helper.services.exec_spawn`), for commands that need their own namespaces; the
+  daemon sends such a job (JSON spec plus the five descriptors stdin, stdout, stderr, status write
+  end, control read end), the forker hands it to an idle supervisor and forks a replacement;
+* forks a *resident* supervisor (:mod:`~chroot_helper.services.exec_resident`) when the daemon asks
+  for one with ``b"R" + identity`` and answers ``b"R"`` with the daemon's end of the resident's
+  channel beside it (``SCM_RIGHTS``), or ``b"E" + reason``.
+
+Messages travel over one ``SOCK_SEQPACKET`` pair.  Supervisors are the forker's children: it reaps
+them, and a resident exits once idle when the forker has gone.  If the forker dies, the exec
+service forks one-shot supervisors itself (:func:`~chroot_helper.services.exec_spawn.spawn`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import gc
+import json
+import os
+import select
+import signal
+import socket
+from collections.abc import Sequence
+from typing import Final
+
+from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
+from ..privileges import drop_capabilities
+from .exec_resident import resident_main
+from .exec_spawn import (
+    STATUS_ERROR,
+    SpawnSpec,
+    Supervisor,
+    _close_all_but,
+    _pipes,
+    _prepare,
+    _report_failure,
+    _run,
+)
+
+__all__ = ["Forker", "POOL_SIZE"]
+
+#: Descriptors that travel with a job to a pooled supervisor, in this order.
+_JOB_FDS: Final = 5  # stdin, stdout, stderr, status write end, control read end
+_MAX_JOB: Final = 256 * 1024
+_JOB_FD_SPACE: Final = ancillary_space(_JOB_FDS)
+_REPLY_FD_SPACE: Final = ancillary_space(1)
+#: One-shot supervisors the forker keeps forked ahead of time (when a command needs them).
+POOL_SIZE: Final = 4
+_RESIDENT: Final = b"R"
+
+
+def _encode_job(spec: SpawnSpec) -> bytes:
+    return json.dumps(
+        {
+            "argv": list(spec.argv),
+            "env": spec.env,
+            "cwd": spec.cwd,
+            "uid": spec.uid,
+            "gid": spec.gid,
+            "groups": list(spec.groups),
+            "rlimits": [list(pair) for pair in spec.rlimits],
+            "network": spec.network,
+            "pid_namespace": spec.pid_namespace,
+        }
+    ).encode()
+
+
+def _decode_job(data: bytes, fds: list[int]) -> SpawnSpec:  # pragma: no cover - in a supervisor
+    job = json.loads(data)
+    return SpawnSpec(
+        argv=job["argv"],
+        env=job["env"],
+        cwd=job["cwd"],
+        uid=job["uid"],
+        gid=job["gid"],
+        groups=job["groups"],
+        rlimits=[(int(res), int(limit)) for res, limit in job["rlimits"]],
+        stdin=fds[0],
+        stdout=fds[1],
+        stderr=fds[2],
+        network=job["network"],
+        pid_namespace=job["pid_namespace"],
+    )
+
+
+def _send(fd: int, data: bytes, fds: Sequence[int], flags: int = 0) -> None:
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.sendmsg([data], scm_rights(list(fds)), flags)
+    finally:
+        sock.detach()
+
+
+def _recv(fd: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One message and its descriptors; a job must carry exactly :data:`_JOB_FDS`."""
+    sock = socket.socket(fileno=fd)
+    try:
+        data, ancdata, msg_flags, _ = sock.recvmsg(
+            _MAX_JOB, _JOB_FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC
+        )
+    finally:
+        sock.detach()
+    fds = fds_from_ancdata(ancdata)
+    wanted = 0 if data[:1] == _RESIDENT else _JOB_FDS
+    if data and (msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(fds) != wanted):
+        for extra in fds:
+            os.close(extra)
+        raise OSError(0, "malformed message to the forker")
+    return data, fds
+
+
+class Forker:
+    """The daemon's handle on the forker process.
+
+    Started by the exec service before the daemon accepts connections; the forker drops to the
+    same capabilities as the daemon.
+
+    :param pid: the forker's pid (the daemon reaps it).
+    :param fd: the daemon's end of their ``SOCK_SEQPACKET`` socket pair (non-blocking).
+    """
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self.pid = pid
+        self.fd = fd
+        self._sock = socket.socket(fileno=fd)
+        self._sock.setblocking(False)
+        self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._reading = False
+
+    @classmethod
+    def start(cls, capabilities: frozenset[int], *, pool: bool = True) -> Forker:
+        """Fork the forker; it keeps only *capabilities*, and one-shot supervisors if *pool*."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        our_fd, their_fd = ours.detach(), theirs.detach()
+        try:
+            pid = os.fork()
+        except BaseException:
+            os.close(our_fd)
+            os.close(their_fd)
+            raise
+        if pid == 0:  # pragma: no cover - runs in the forker
+            try:
+                _forker_main(their_fd, capabilities, POOL_SIZE if pool else 0)
+            finally:
+                os._exit(0)
+        os.close(their_fd)
+        os.set_blocking(our_fd, False)
+        return cls(pid, our_fd)
+
+    def spawn(self, spec: SpawnSpec) -> Supervisor:
+        """Hand *spec* to a pooled one-shot supervisor; return at once.
+
+        :raises BlockingIOError: the forker's queue is full (fork here instead).
+        :raises OSError: the forker is gone.
+        """
+        status_r, status_w, control_r, control_w = _pipes()
+        try:
+            self._sock.sendmsg(
+                [_encode_job(spec)],
+                scm_rights([spec.stdin, spec.stdout, spec.stderr, status_w, control_r]),
+            )
+        except BaseException:
+            for fd in (status_r, control_w):
+                os.close(fd)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(control_r)
+        return Supervisor(pid=None, status_fd=status_r, control_fd=control_w)
+
+    async def resident(self, identity: bytes) -> socket.socket:
+        """Ask for a resident supervisor at *identity*; return the daemon's end of its channel.
+
+        :raises ConnectionError: the forker is gone.
+        :raises OSError: it could not fork one.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        self._sock.send(_RESIDENT + identity)
+        self._waiting.append(fut)
+        if not self._reading:
+            loop.add_reader(self._sock.fileno(), self._on_reply)
+            self._reading = True
+        fd = await fut
+        channel = socket.socket(fileno=fd)
+        channel.setblocking(False)
+        return channel
+
+    def _on_reply(self) -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = self._sock.recvmsg(
+                    4096, _REPLY_FD_SPACE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(exc)
+                return
+            fds = fds_from_ancdata(ancdata)
+            if not data:
+                self._fail(ConnectionResetError(0, "the forker closed its socket"))
+                return
+            fut = self._waiting.popleft() if self._waiting else None
+            if fut is None or fut.done() or data[:1] != _RESIDENT or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                if fut is not None and not fut.done():
+                    reason = data[1:].decode(errors="replace") or "malformed reply"
+                    fut.set_exception(OSError(0, f"the forker could not fork: {reason}"))
+                continue
+            fut.set_result(fds[0])
+
+    def _fail(self, exc: OSError) -> None:
+        self._stop_reading()
+        while self._waiting:
+            fut = self._waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._reading = False
+
+    def close(self) -> None:
+        """Tell the forker to exit (its idle supervisors exit with it); reap :attr:`pid` later."""
+        if self.fd >= 0:
+            self._fail(ConnectionResetError(0, "the forker was closed"))
+            self._sock.close()
+            self.fd = -1
+
+
+def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:  # pragma: no cover
+    gc.disable()  # never let a collected copy of a daemon object close a reused fd number
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+    _close_all_but({fd, 0, 1, 2})
+    # Reap supervisors as soon as they exit: zombies still count against the commands' user's
+    # RLIMIT_NPROC (max_processes).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    drop_capabilities(capabilities)
+    idle: list[int] = []  # our ends of the pooled supervisors' socket pairs
+    alive: dict[int, int] = {}  # resident pid -> our end of its pipe (EOF: the forker is gone)
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    try:
+        while True:
+            # Jobs come first: refill the pool one fork at a time, only when none is waiting.
+            timeout = 0 if len(idle) < pool_size else None
+            ready = {ready_fd for ready_fd, _ in poller.poll(timeout)}
+            if not ready:
+                idle.append(_fork_idle())
+                continue
+            if wake_r in ready:
+                os.read(wake_r, 4096)
+            _reap(alive)
+            if fd not in ready:
+                continue
+            while True:  # every message queued
+                try:
+                    data, fds = _recv(fd, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    continue  # malformed: nothing to hand over
+                if not data:
+                    return  # the daemon closed its end
+                if data[:1] == _RESIDENT:
+                    _answer_resident(fd, data[1:], alive)
+                    continue
+                try:
+                    _hand_over(idle, data, fds)
+                finally:
+                    for passed in fds:
+                        os.close(passed)
+    finally:
+        for end in idle:
+            os.close(end)
+
+
+def _reap(alive: dict[int, int]) -> None:  # pragma: no cover - runs in the forker
+    while True:
+        try:
+            pid = os.waitpid(-1, os.WNOHANG)[0]
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        end = alive.pop(pid, None)
+        if end is not None:
+            os.close(end)
+
+
+def _answer_resident(fd: int, identity: bytes, alive: dict[int, int]) -> None:  # pragma: no cover
+    try:
+        pid, channel, alive_w = _fork_resident(identity)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            _send(fd, STATUS_ERROR + str(exc).encode()[:2000], [])
+        return
+    alive[pid] = alive_w
+    try:
+        _send(fd, _RESIDENT, [channel])
+    except OSError:
+        pass  # the daemon is gone; the resident sees its channel close and exits
+    finally:
+        os.close(channel)
+
+
+def _fork_resident(identity: bytes) -> tuple[int, int, int]:  # pragma: no cover - in the forker
+    """Fork a resident supervisor; return its pid, the daemon's channel end, our alive pipe end."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    our_fd, their_fd = ours.detach(), theirs.detach()
+    alive_r, alive_w = os.pipe()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for end in (our_fd, their_fd, alive_r, alive_w):
+            os.close(end)
+        raise
+    if pid == 0:
+        code = 70
+        try:
+            resident_main(their_fd, alive_r, identity)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(their_fd)
+    os.close(alive_r)
+    return pid, our_fd, alive_w
+
+
+def _hand_over(idle: list[int], job: bytes, fds: list[int]) -> None:  # pragma: no cover
+    while True:
+        end = idle.pop(0) if idle else _fork_idle()
+        try:
+            _send(end, job, fds)
+            return
+        except OSError:
+            if not idle:  # even a fresh supervisor failed: report it instead of hanging
+                with contextlib.suppress(OSError):
+                    os.write(fds[3], STATUS_ERROR + b"no supervisor could take the command")
+                return
+        finally:
+            os.close(end)
+
+
+def _fork_idle() -> int:  # pragma: no cover - runs in the forker
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    our_fd, their_fd = ours.detach(), theirs.detach()
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            _pooled_main(their_fd)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(their_fd)
+    return our_fd
+
+
+def _pooled_main(fd: int) -> None:  # pragma: no cover - runs in a pooled supervisor
+    wake_r = _prepare({fd})  # before the job: this is the work the pool saves a request
+    job, fds = _recv(fd)
+    os.close(fd)
+    if not job:
+        return  # the forker went away
+    status_w, control_r = fds[3], fds[4]
+    try:
+        spec = _decode_job(job, fds)
+        _run(spec, status_w, control_r, wake_r)
+    except BaseException as exc:
+        _report_failure(status_w, exc)
