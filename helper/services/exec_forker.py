@@ -12,8 +12,12 @@ process), so the daemon never does it on a request's path while the forker runs.
   channel beside it (``SCM_RIGHTS``), or ``b"E" + reason``.
 
 Messages travel over one ``SOCK_SEQPACKET`` pair.  Supervisors are the forker's children: it reaps
-them, and a resident exits once idle when the forker has gone.  If the forker dies, the exec
-service forks one-shot supervisors itself (:func:`~chroot_helper.services.exec_spawn.spawn`).
+them, and a resident exits once idle when the forker has gone.  The forker is also a child
+subreaper: a command that kills its own supervisor (same uid) leaves its tree to the forker, which
+SIGKILLs every child it did not fork itself until none is left (as the stray's uid: no
+``CAP_KILL`` needed).
+If the forker dies, the exec service forks one-shot supervisors itself
+(:func:`~chroot_helper.services.exec_spawn.spawn`).
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
 from ..privileges import drop_capabilities
 from .exec_resident import resident_main
 from .exec_spawn import (
+    _PR_SET_CHILD_SUBREAPER,
     STATUS_ERROR,
     SpawnSpec,
     Supervisor,
+    _check,
     _close_all_but,
+    _libc,
     _pipes,
     _prepare,
     _report_failure,
@@ -251,9 +258,11 @@ def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
     drop_capabilities(capabilities)
     idle: list[int] = []  # our ends of the pooled supervisors' socket pairs
     alive: dict[int, int] = {}  # resident pid -> our end of its pipe (EOF: the forker is gone)
+    forked: set[int] = set()  # every supervisor we forked and have not reaped yet
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
@@ -263,11 +272,11 @@ def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:
             timeout = 0 if len(idle) < pool_size else None
             ready = {ready_fd for ready_fd, _ in poller.poll(timeout)}
             if not ready:
-                idle.append(_fork_idle())
+                idle.append(_fork_idle(forked))
                 continue
             if wake_r in ready:
                 os.read(wake_r, 4096)
-            _reap(alive)
+            _reap(alive, forked)
             if fd not in ready:
                 continue
             while True:  # every message queued
@@ -280,10 +289,10 @@ def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:
                 if not data:
                     return  # the daemon closed its end
                 if data[:1] == _RESIDENT:
-                    _answer_resident(fd, data[1:], alive)
+                    _answer_resident(fd, data[1:], alive, forked)
                     continue
                 try:
-                    _hand_over(idle, data, fds)
+                    _hand_over(idle, data, fds, forked)
                 finally:
                     for passed in fds:
                         os.close(passed)
@@ -292,26 +301,70 @@ def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:
             os.close(end)
 
 
-def _reap(alive: dict[int, int]) -> None:  # pragma: no cover - runs in the forker
+def _reap(alive: dict[int, int], forked: set[int]) -> None:  # pragma: no cover - in the forker
+    """Reap every exited child; kill strays when a supervisor failed or a stray exited."""
+    strays = False
     while True:
         try:
-            pid = os.waitpid(-1, os.WNOHANG)[0]
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
+            break
+        if pid in forked:
+            forked.discard(pid)
+            strays = strays or status != 0  # killed, or failed: its tree may be left
+        else:
+            strays = True  # a stray we killed: its own children are ours now
         end = alive.pop(pid, None)
         if end is not None:
             os.close(end)
+    if strays:
+        _kill_strays(forked)
 
 
-def _answer_resident(fd: int, identity: bytes, alive: dict[int, int]) -> None:  # pragma: no cover
+def _kill_strays(forked: set[int]) -> None:  # pragma: no cover - runs in the forker
+    """SIGKILL our children that we did not fork: what a killed supervisor left to us."""
+    me = os.getpid()
+    try:
+        with open(f"/proc/{me}/task/{me}/children") as listing:
+            children = [int(pid) for pid in listing.read().split()]
+    except OSError:
+        return
+    for pid in children:
+        if pid not in forked:
+            _kill_as_owner(pid)
+
+
+def _kill_as_owner(pid: int) -> None:  # pragma: no cover - runs in the forker
+    """SIGKILL *pid* with our effective uid set to its real uid (root keeps no ``CAP_KILL``)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            uid = next(int(line.split()[1]) for line in status if line.startswith("Uid:"))
+    except (OSError, StopIteration, ValueError):
+        return  # gone already
+    switch = os.geteuid() == 0 and uid != 0
+    if switch:
+        os.seteuid(uid)  # the effective capabilities come back with euid 0 below
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        if switch:
+            os.seteuid(0)
+
+
+def _answer_resident(  # pragma: no cover - runs in the forker
+    fd: int, identity: bytes, alive: dict[int, int], forked: set[int]
+) -> None:
     try:
         pid, channel, alive_w = _fork_resident(identity)
     except OSError as exc:
         with contextlib.suppress(OSError):
             _send(fd, STATUS_ERROR + str(exc).encode()[:2000], [])
         return
+    forked.add(pid)
     alive[pid] = alive_w
     try:
         _send(fd, _RESIDENT, [channel])
@@ -344,9 +397,11 @@ def _fork_resident(identity: bytes) -> tuple[int, int, int]:  # pragma: no cover
     return pid, our_fd, alive_w
 
 
-def _hand_over(idle: list[int], job: bytes, fds: list[int]) -> None:  # pragma: no cover
+def _hand_over(  # pragma: no cover - runs in the forker
+    idle: list[int], job: bytes, fds: list[int], forked: set[int]
+) -> None:
     while True:
-        end = idle.pop(0) if idle else _fork_idle()
+        end = idle.pop(0) if idle else _fork_idle(forked)
         try:
             _send(end, job, fds)
             return
@@ -359,7 +414,7 @@ def _hand_over(idle: list[int], job: bytes, fds: list[int]) -> None:  # pragma: 
             os.close(end)
 
 
-def _fork_idle() -> int:  # pragma: no cover - runs in the forker
+def _fork_idle(forked: set[int]) -> int:  # pragma: no cover - runs in the forker
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     our_fd, their_fd = ours.detach(), theirs.detach()
     pid = os.fork()
@@ -370,6 +425,7 @@ def _fork_idle() -> int:  # pragma: no cover - runs in the forker
             code = 0
         finally:
             os._exit(code)
+    forked.add(pid)
     os.close(their_fd)
     return our_fd
 

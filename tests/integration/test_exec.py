@@ -218,6 +218,17 @@ def test_a_command_that_kills_its_supervisor_gets_sigkill_and_the_helper_goes_on
     assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
 
 
+def test_a_command_that_kills_its_supervisor_leaves_no_process_behind() -> None:
+    # The supervisor runs as the command's uid, so the command can kill it; what the command
+    # started (in its own session, too) must still be killed and reaped.
+    script = "sleep 3611 & setsid sleep 3612 & sleep 0.5; kill -9 $PPID; sleep 3613"
+    for stdout in (client.DEVNULL, client.PIPE):  # handed off, and relayed by the daemon
+        killed = client.run(["sh", script], stdin=client.DEVNULL, stdout=stdout)
+        assert killed.returncode == -signal.SIGKILL
+        wait_until(lambda: processes_with("sleep 361") == [], what="the orphans to be killed")
+    assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
+
+
 def test_environment_is_clean() -> None:
     done = client.run(["env"], capture_output=True, text=True)
     assert sorted(done.stdout.splitlines()) == ["LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin"]
