@@ -127,6 +127,8 @@ class HelperConfig:
     :param token: the TCP token, read from ``token_file`` at load.
     :param max_concurrent: requests running at once, all peers together.
     :param max_per_peer: requests running at once for one peer process (or TCP client address).
+    :param max_per_uid: requests running at once for one peer uid, all its processes together,
+        so that one app cannot take every ``max_concurrent`` slot (default three quarters of it).
     :param max_connections: open connections at once; later ones are refused.
     :param max_idle_per_uid: connections of one peer uid (all its processes together) that have
         not sent their request yet; a slow or stalled client of one uid cannot fill
@@ -146,6 +148,7 @@ class HelperConfig:
     token: str | None = None
     max_concurrent: int = 64
     max_per_peer: int = 16
+    max_per_uid: int = 48
     max_connections: int = 256
     max_idle_per_uid: int = 64
     request_timeout: float = 10.0
@@ -293,6 +296,7 @@ _HELPER_KEYS = frozenset(
         "token_file",
         "max_concurrent",
         "max_per_peer",
+        "max_per_uid",
         "max_connections",
         "max_idle_per_uid",
         "request_timeout",
@@ -407,8 +411,15 @@ def _parse_helper(table: _Table) -> dict[str, object]:
         out["token"] = token
     elif token_file is not None:
         raise ConfigError('[helper] token_file is set but tcp is not: add tcp = "127.0.0.1:7070"')
-    out["max_concurrent"] = table.int_("max_concurrent", 64)
+    max_concurrent = out["max_concurrent"] = table.int_("max_concurrent", 64)
     out["max_per_peer"] = table.int_("max_per_peer", 16)
+    max_per_uid = table.int_("max_per_uid", max(1, max_concurrent * 3 // 4))
+    if max_per_uid > max_concurrent:
+        raise ConfigError(
+            f"[helper] max_per_uid = {max_per_uid} is above max_concurrent = {max_concurrent}, "
+            "where it would never apply; lower it"
+        )
+    out["max_per_uid"] = max_per_uid
     max_connections = table.int_("max_connections", 256)
     max_idle_per_uid = table.int_("max_idle_per_uid", min(64, max(1, max_connections // 2)))
     if max_idle_per_uid >= max_connections and max_connections > 1:

@@ -11,7 +11,7 @@ is
    peer process may keep at most ``max_per_peer`` connections waiting at this step, and one uid
    (all its processes) at most ``max_idle_per_uid``.  A refused connection no longer counts
    against ``max_connections`` while it gets its error reply.
-3. The connection counts against ``max_concurrent`` and ``max_per_peer``.
+3. The connection counts against ``max_concurrent``, ``max_per_peer`` and ``max_per_uid``.
 4. The request goes to the service method ``handle_<op>`` (see :class:`Service`), which talks to the
    client through a :class:`Channel`.
 5. Whatever the handler raises becomes an Error frame; the daemon keeps serving everyone else.
@@ -123,8 +123,8 @@ class Peer:
 
     @property
     def owner(self) -> str:
-        """What ``max_idle_per_uid`` counts by: the peer uid (every process it runs), or the TCP
-        client host."""
+        """What ``max_per_uid`` and ``max_idle_per_uid`` count by: the peer uid (every process it
+        runs), or the TCP client host."""
         if self.transport == "unix":
             return f"uid:{self.uid}"
         return "tcp host " + self.address.rsplit(":", 1)[0]
@@ -345,7 +345,7 @@ class HelperServer:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._active = 0
-        self._per_peer: Counter[str] = Counter()
+        self._running: Counter[str] = Counter()  # requests by peer key and by peer owner
         self._connections = 0
         self._waiting: Counter[str] = Counter()  # connections that have not sent their request
 
@@ -514,24 +514,16 @@ class HelperServer:
 
     @contextlib.contextmanager
     def _slot(self, peer: Peer) -> Iterator[Callable[[], None]]:
-        if (
-            self._active >= self.config.max_concurrent
-            or self._per_peer[peer.key] >= self.config.max_per_peer
-        ):
+        running = self._running
+        keys = (peer.key, peer.owner)
+        if self._busy(peer):
             for service in self.services:
                 service.settle()
-        if self._active >= self.config.max_concurrent:
-            raise BusyError(
-                f"{self._active} requests are running, the limit [helper] max_concurrent = "
-                f"{self.config.max_concurrent}; retry later"
-            )
-        if self._per_peer[peer.key] >= self.config.max_per_peer:
-            raise BusyError(
-                f"this peer already runs {self._per_peer[peer.key]} requests, the limit "
-                f"[helper] max_per_peer = {self.config.max_per_peer}; retry later"
-            )
+            reason = self._busy(peer)
+            if reason:
+                raise BusyError(f"{reason}; retry later")
         self._active += 1
-        self._per_peer[peer.key] += 1
+        running.update(keys)
         held = True
 
         def release() -> None:
@@ -539,14 +531,35 @@ class HelperServer:
             if held:
                 held = False
                 self._active -= 1
-                self._per_peer[peer.key] -= 1
-                if not self._per_peer[peer.key]:
-                    del self._per_peer[peer.key]
+                running.subtract(keys)
+                for key in keys:
+                    if not running[key]:
+                        del running[key]
 
         try:
             yield release
         finally:
             release()
+
+    def _busy(self, peer: Peer) -> str:
+        """Why a new request of *peer* must wait (which limit it meets), or ``""``."""
+        config = self.config
+        if self._active >= config.max_concurrent:
+            return (
+                f"{self._active} requests are running, the limit [helper] max_concurrent = "
+                f"{config.max_concurrent}"
+            )
+        if self._running[peer.key] >= config.max_per_peer:
+            return (
+                f"this peer already runs {self._running[peer.key]} requests, the limit "
+                f"[helper] max_per_peer = {config.max_per_peer}"
+            )
+        if self._running[peer.owner] >= config.max_per_uid:
+            return (
+                f"{peer.owner} already runs {self._running[peer.owner]} requests, the limit "
+                f"[helper] max_per_uid = {config.max_per_uid}"
+            )
+        return ""
 
     def _check_idle(self, peer: Peer) -> None:
         """Idle connections count per process and per uid, so no peer fills max_connections."""

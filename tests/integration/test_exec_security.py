@@ -320,6 +320,47 @@ def test_global_concurrency_limit_refuses_every_peer_then_recovers(
         assert small.run_client("client.run(['echo', 'x'])").returncode == 0
 
 
+def test_per_uid_limit_counts_every_process_of_that_uid_and_serves_other_uids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    table = "max_per_peer = 2\nmax_per_uid = 3"
+    with running_helper(COMMANDS, helper_table=table) as limited:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", limited.socket)
+        # Two commands from this process (its max_per_peer), a third from another root process:
+        # uid 0 then runs max_per_uid = 3, and a fourth from yet another process is refused.
+        procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
+        try:
+            code = (
+                "p = client.Popen(['cat'], stdin=client.PIPE, stdout=client.DEVNULL)\n"
+                "print('holding', flush=True)\n"
+                "sys.stdin.readline()\n"
+                "p.stdin.close()\n"
+                "print(p.wait())\n"
+            )
+            holder = subprocess.Popen(
+                [sys.executable, "-c", "import sys\nfrom chroot_helper import client\n" + code],
+                env=limited.env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+            refused = limited.run_client("client.run(['echo', 'x'])", check=False)
+            assert "BusyError: uid:0 already runs 3 requests" in refused.stderr, refused.stderr
+            assert "max_per_uid = 3" in refused.stderr
+            # Another uid is served while uid 0 is at its limit.
+            code = "print(client.run(['echo', 'www'], capture_output=True).stdout)"
+            assert limited.run_client(code, user=33).stdout.strip() == "b'www\\n'"
+            assert holder.communicate("\n", timeout=30)[0].strip() == "0"
+        finally:
+            for proc in procs:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait()
+        assert [proc.returncode for proc in procs] == [0, 0]
+        assert limited.run_client("client.run(['echo', 'x'])").returncode == 0
+
+
 def test_a_client_may_run_again_as_soon_as_it_has_the_exit_status(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

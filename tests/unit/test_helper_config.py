@@ -97,6 +97,10 @@ BASE = {"socket": "/run/x.sock", "allow_uids": [33]}
             "[helper] max_per_peer = 0: expected an integer >= 1",
         ),
         (
+            {"helper": dict(BASE, max_concurrent=8, max_per_uid=9)},
+            "[helper] max_per_uid = 9 is above max_concurrent = 8, where it would never apply",
+        ),
+        (
             {"helper": dict(BASE, max_connections=100, max_idle_per_uid=100)},
             "[helper] max_idle_per_uid = 100 must be below max_connections = 100",
         ),
@@ -162,6 +166,12 @@ def test_error_codes_rebuild_the_same_class() -> None:
     exc = error_from_code("refused", "peer uid 1 is not allowed")
     assert type(exc) is PeerRefusedError
     assert str(exc) == "peer uid 1 is not allowed"
+
+
+def test_running_limit_per_uid_defaults_to_three_quarters_of_max_concurrent() -> None:
+    assert parse_config({"helper": BASE}).max_per_uid == 48
+    assert parse_config({"helper": dict(BASE, max_concurrent=1)}).max_per_uid == 1
+    assert parse_config({"helper": dict(BASE, max_per_uid=64)}).max_per_uid == 64
 
 
 def test_idle_limit_per_uid_defaults_below_the_connection_limit() -> None:
