@@ -303,7 +303,7 @@ def test_unreachable_helper_names_the_socket(
 def test_global_concurrency_limit_refuses_every_peer_then_recovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with running_helper(COMMANDS, helper_table="max_concurrent = 2") as small:
+    with running_helper(COMMANDS, helper_table="max_concurrent = 2\nmax_per_uid = 2") as small:
         monkeypatch.setenv("CHROOT_HELPER_SOCKET", small.socket)
         procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
         try:
