@@ -57,8 +57,10 @@ def wrk(url: str, duration: int) -> tuple[float, float]:
     return rps, p99
 
 
-def daemon_rss_kib() -> list[int]:
-    """VmRSS of the mod_wsgi daemon processes (display-name chrootwsgi-test)."""
+def daemon_rss_kib(apache: Apache) -> list[int]:
+    """VmRSS of this Apache's mod_wsgi daemon processes (display-name chrootwsgi-test)."""
+    assert apache.process is not None
+    parent = f"PPid:\t{apache.process.pid}\n"
     sizes = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -66,7 +68,7 @@ def daemon_rss_kib() -> list[int]:
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        if cmdline.startswith(b"chrootwsgi-test"):
+        if cmdline.startswith(b"chrootwsgi-test") and parent in status:
             sizes.append(int(re.search(r"VmRSS:\s+(\d+)", status).group(1)))
     return sizes
 
@@ -81,7 +83,7 @@ def measure(jail: str | None, duration: int, *, seccomp: bool = True) -> dict[st
         results: dict[str, object] = {
             name: wrk(apache.url(path), duration) for name, path in PAGES.items()
         }
-        results["rss"] = statistics.mean(daemon_rss_kib())
+        results["rss"] = statistics.mean(daemon_rss_kib(apache))
         if jail is not None:
             states: dict[int, dict[str, object]] = {}
             for _ in range(100):  # one state per daemon process
