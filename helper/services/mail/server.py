@@ -50,6 +50,7 @@ from .policy import (
     check_address,
     check_headers,
 )
+from .protocol import FastSMTP
 from .runner import QueueRunner
 from .sendmail_cli import (
     EX_DATAERR,
@@ -68,7 +69,6 @@ __all__ = ["MailService", "bind_listeners", "start"]
 log = logging.getLogger(__name__)
 
 IDENT = "chroot-helper"
-READ_BUFFER = 64 * 1024
 SPOOL_WRITERS = 32
 """Threads writing and fsyncing queue files; more concurrent submissions wait for one."""
 INLINE_WRITE = 256 * 1024
@@ -93,16 +93,12 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-class _Submission(SMTP):
-    """aiosmtpd's protocol, counting connections and naming the client."""
+class _Submission(FastSMTP):
+    """aiosmtpd's protocol (see :mod:`.protocol`), counting connections and naming the client."""
 
     def __init__(self, service: MailService, **kwargs: object) -> None:
-        super().__init__(service.handler, **kwargs)  # type: ignore[arg-type]
+        super().__init__(service.handler, **kwargs)
         self.service = service
-        # aiosmtpd caps the stream buffer at one line (1001 bytes), so reading a message pauses
-        # and resumes the socket (epoll_ctl twice) for every few KB.  Buffer more; the line and
-        # command length limits are still enforced by aiosmtpd's own checks.
-        self._stream_reader._limit = READ_BUFFER  # type: ignore[attr-defined]
         self.client = "unknown"
         self.rate_key: object = None
 
