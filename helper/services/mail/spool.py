@@ -88,7 +88,7 @@ class Envelope:
     size: int = 0
 
     def to_json(self) -> bytes:
-        data = dataclasses.asdict(self)
+        data = {field.name: getattr(self, field.name) for field in _ENVELOPE_FIELDS}
         data["recipients"] = list(self.recipients)
         return json.dumps(data, ensure_ascii=True, separators=(",", ":")).encode()
 
@@ -110,6 +110,9 @@ class Envelope:
             eightbit=bool(data.get("eightbit", False)),
             size=int(data.get("size", 0)),
         )
+
+
+_ENVELOPE_FIELDS = dataclasses.fields(Envelope)  # to_json without asdict's deep copies
 
 
 @dataclasses.dataclass(kw_only=True)
