@@ -300,6 +300,13 @@ class Raw:
     def close(self) -> None:
         self.sock.close()
 
+    @classmethod
+    def greeted(cls, service: MailService, helo: bytes = b"test.local") -> Raw:
+        """A client connected to ``service`` that has sent EHLO."""
+        client = cls(service.host, service.port)
+        assert client.command(b"EHLO " + helo)[0] == 250
+        return client
+
 
 def simple_message(
     token: str, *, sender: str = f"app@{DOMAIN}", to: str = "user@example.net"

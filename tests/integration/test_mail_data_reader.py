@@ -24,8 +24,7 @@ def service(tmp_path_factory):
 
 @pytest.fixture
 def raw(service):
-    client = Raw(service.host, service.port)
-    assert client.command(b"EHLO data.local")[0] == 250
+    client = Raw.greeted(service, b"data.local")
     yield client
     client.close()
 
@@ -125,8 +124,7 @@ def test_limits_answer_after_the_end_of_data_and_the_session_goes_on(service, ra
 )
 @pytest.mark.parametrize("reset", [False, True])
 def test_connection_lost_mid_data_accepts_nothing(service, partial, reset):
-    client = Raw(service.host, service.port)
-    assert client.command(b"EHLO lost.local")[0] == 250
+    client = Raw.greeted(service, b"lost.local")
     start(client)
     client.send(partial)
     if reset:  # RST instead of FIN
@@ -137,8 +135,7 @@ def test_connection_lost_mid_data_accepts_nothing(service, partial, reset):
         with pytest.raises(ConnectionError):  # the server hangs up without a reply
             client.read_reply()
         client.close()
-    later = Raw(service.host, service.port)
-    assert later.command(b"EHLO later.local")[0] == 250
+    later = Raw.greeted(service, b"later.local")
     start(later)
     later.send(b"Subject: later\r\n\r\n.\r\n")
     assert queued(service, later.read_reply()) == b"Subject: later\r\n\r\n"

@@ -29,8 +29,7 @@ def service(tmp_path_factory, sink):
 
 @pytest.fixture
 def raw(service):
-    client = Raw(service.host, service.port)
-    assert client.command(b"EHLO test.local")[0] == 250
+    client = Raw.greeted(service)
     yield client
     client.close()
 
