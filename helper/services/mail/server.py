@@ -2,8 +2,9 @@
 
 :func:`start` opens the spool, binds every ``mail.listen`` address (a taken address fails at
 start with a message saying what to change), starts the queue runner and returns a
-:class:`MailService`.  aiosmtpd parses SMTP; the handler here applies :mod:`.policy` and
-answers ``250`` to DATA only after the message is durably in the spool.
+:class:`MailService`.  aiosmtpd parses SMTP (DATA and address parsing overridden for speed in
+:mod:`.protocol`); the handler here applies :mod:`.policy` and answers ``250`` to DATA only
+after the message is durably in the spool.
 
 ESMTP extensions offered: SIZE, 8BITMIME, SMTPUTF8, PIPELINING.  Clients on a Unix socket are
 identified by uid (``SO_PEERCRED``), TCP clients by address; ``mail.rate_limit`` counts per
