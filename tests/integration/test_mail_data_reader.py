@@ -91,7 +91,7 @@ def test_end_of_data_split_across_writes_and_pipelined_quit(service, raw, step):
     assert raw.read_reply()[0] == 221
 
 
-@pytest.mark.parametrize("lines", [250, 600])
+@pytest.mark.parametrize("lines", [250, 600])  # queued by the event loop, or by a thread
 def test_large_message_in_many_reads(service, raw, lines):
     body = b"Subject: large\r\n\r\n" + b"".join(
         b"%05d" % n + b"z" * 993 + b"\r\n" for n in range(lines)

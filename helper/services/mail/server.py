@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 IDENT = "chroot-helper"
 SPOOL_WRITERS = 32
 """Threads writing and fsyncing queue files; more concurrent submissions wait for one."""
+INLINE_WRITE = 256 * 1024
+"""Messages up to this size are written to the page cache by the event loop itself."""
 REPLY_TOO_MANY_CONNECTIONS = b"421 4.7.0 Too many connections; try again later\r\n"
 REPLY_SPOOL_ERROR = "451 4.3.0 Error: queue file write error; try again later"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
@@ -305,12 +307,19 @@ class MailService:
             eightbit=eightbit,
             size=len(message),
         )
-        # Open, write and fsync in a thread: even creating the file waits for the file
-        # system's journal while other commits flush it (a millisecond under load), which the
-        # event loop must not.
-        await asyncio.get_running_loop().run_in_executor(
-            self._writers, self.spool.write, envelope, message
-        )
+        loop = asyncio.get_running_loop()
+        if len(message) > INLINE_WRITE:
+            await loop.run_in_executor(self._writers, self.spool.write, envelope, message)
+        else:
+            # A small message goes to the page cache from the loop; only the fsync waits in
+            # a thread (see Spool.begin).
+            fd = self.spool.begin(envelope, message)
+            try:
+                await loop.run_in_executor(self._writers, os.fsync, fd)
+            except BaseException:
+                self.spool.abandon(queue_id, fd)
+                raise
+            self.spool.finish(queue_id, fd)
         await self.sync.sync(self.sync.renamed())
         self.counters.received += 1
         log.info(
