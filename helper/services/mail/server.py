@@ -311,8 +311,10 @@ class MailService:
         if len(message) > INLINE_WRITE:
             await loop.run_in_executor(self._writers, self.spool.write, envelope, message)
         else:
-            # A small message goes to the page cache from the loop; only the fsync waits in
-            # a thread (see Spool.begin).
+            # A small message goes to the page cache from the loop (which may wait for the
+            # journal, ~1 ms under load); only the fsync waits in a thread.  A thread doing
+            # open/write/fsync/close/rename must win the GIL back from the busy loop after each
+            # of them, which made commits several times slower (see Spool.begin).
             fd = self.spool.begin(envelope, message)
             try:
                 await loop.run_in_executor(self._writers, os.fsync, fd)

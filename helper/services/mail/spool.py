@@ -237,7 +237,7 @@ class Spool:
 
         Split so that the event loop can write a small message to the page cache itself and
         hand only the fsync to a thread: each extra system call in a thread is another hand-over
-        of the GIL, and those, not the bytes, dominated the cost of a commit.
+        of the GIL, and those, not the bytes, dominated the cost and the latency of a commit.
         """
         head = envelope.to_json()
         tmp = self.tmp / envelope.id
