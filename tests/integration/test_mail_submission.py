@@ -7,7 +7,7 @@ import smtplib
 import socket
 
 import pytest
-from mail_fixtures import DOMAIN, free_port, run_service, run_sink, simple_message, stop
+from mail_fixtures import DOMAIN, Raw, free_port, run_service, run_sink, simple_message, stop
 
 pytestmark = [pytest.mark.root]
 
@@ -27,42 +27,9 @@ def service(tmp_path_factory, sink):
         yield server
 
 
-class Raw:
-    """A hand-driven SMTP client, for bytes smtplib refuses to send."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.sock = socket.create_connection((host, port), timeout=30)
-        self.buffer = b""
-        self.read_reply()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_reply(self) -> tuple[int, str]:
-        lines = []
-        while True:
-            while b"\r\n" not in self.buffer:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError(f"closed by the server after {lines!r}")
-                self.buffer += chunk
-            line, self.buffer = self.buffer.split(b"\r\n", 1)
-            lines.append(line.decode("utf-8", "replace"))
-            if line[3:4] != b"-":
-                return int(line[:3]), "\n".join(text[4:] for text in lines)
-
-    def command(self, line: bytes) -> tuple[int, str]:
-        self.send(line + b"\r\n")
-        return self.read_reply()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def raw(service):
-    client = Raw(service.host, service.port)
-    assert client.command(b"EHLO test.local")[0] == 250
+    client = Raw.greeted(service)
     yield client
     client.close()
 

@@ -51,6 +51,21 @@ def test_commit_read_remove(tmp_path):
         spool.read(first.id)
 
 
+def test_split_commit_and_abandon(tmp_path):
+    """begin/finish (the loop writes, a thread fsyncs) gives the same file as write();
+    abandon leaves nothing behind."""
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    kept, dropped = envelope(), envelope()
+    fd = spool.begin(kept, b"Subject: k\r\n\r\nbody\r\n")
+    assert not list(spool.ids())  # not committed before finish
+    os.fsync(fd)
+    spool.finish(kept.id, fd)
+    assert spool.read(kept.id) == (kept, b"Subject: k\r\n\r\nbody\r\n")
+    spool.abandon(dropped.id, spool.begin(dropped, b"x"))
+    assert list(spool.ids()) == [kept.id] and not list(spool.tmp.iterdir())
+
+
 def test_queue_ids_sort_by_arrival():
     ids = [new_queue_id() for _ in range(50)]
     assert len(set(ids)) == 50 and all(len(i) == 20 for i in ids)

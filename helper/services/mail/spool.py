@@ -88,7 +88,7 @@ class Envelope:
     size: int = 0
 
     def to_json(self) -> bytes:
-        data = dataclasses.asdict(self)
+        data = {field.name: getattr(self, field.name) for field in _ENVELOPE_FIELDS}
         data["recipients"] = list(self.recipients)
         return json.dumps(data, ensure_ascii=True, separators=(",", ":")).encode()
 
@@ -110,6 +110,9 @@ class Envelope:
             eightbit=bool(data.get("eightbit", False)),
             size=int(data.get("size", 0)),
         )
+
+
+_ENVELOPE_FIELDS = dataclasses.fields(Envelope)  # to_json without asdict's deep copies
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -150,14 +153,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, chunks: tuple[bytes, ...]) -> None:
+def _write_new(path: Path, data: bytes) -> int:
+    """Create ``path`` (it must not exist), write ``data``; returns the open descriptor."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        for chunk in chunks:
-            view = memoryview(chunk)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = _write_new(path, data)
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -210,14 +222,47 @@ class Spool:
 
         The caller must then fsync ``queue/`` (:class:`DirectorySync`) before acknowledging.
         """
+        fd = self.begin(envelope, data)
+        try:
+            os.fsync(fd)
+        except BaseException:
+            self.abandon(envelope.id, fd)
+            raise
+        self.finish(envelope.id, fd)
+
+    def begin(self, envelope: Envelope, data: bytes) -> int:
+        """The first half of :meth:`write`: create ``tmp/ID`` with the queue file's bytes, not
+        yet synced; returns its descriptor.  The caller fsyncs it (in a thread) and then calls
+        :meth:`finish`, or :meth:`abandon` on any error.
+
+        Split so that the event loop can write a small message to the page cache itself and
+        hand only the fsync to a thread: each extra system call in a thread is another hand-over
+        of the GIL, and those, not the bytes, dominated the cost and the latency of a commit.
+        """
         head = envelope.to_json()
         tmp = self.tmp / envelope.id
         try:
-            _write_synced(tmp, (MAGIC + str(len(head)).encode() + b"\n", head, b"\n", data))
-            os.rename(tmp, self.queue / envelope.id)
+            return _write_new(tmp, b"".join((MAGIC, b"%d\n" % len(head), head, b"\n", data)))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def finish(self, queue_id: str, fd: int) -> None:
+        """Close the fsynced ``tmp/ID`` from :meth:`begin` and rename it into ``queue/``."""
+        tmp = self.tmp / queue_id
+        try:
+            os.close(fd)
+            os.rename(tmp, self.queue / queue_id)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def abandon(self, queue_id: str, fd: int) -> None:
+        """Close and remove ``tmp/ID`` from :meth:`begin` (its commit failed)."""
+        try:
+            os.close(fd)
+        finally:
+            (self.tmp / queue_id).unlink(missing_ok=True)
 
     def sync_queue(self) -> None:
         """fsync ``queue/`` so that renames into it survive a crash."""
@@ -275,7 +320,7 @@ class Spool:
         """Replace ``state/ID`` atomically and durably."""
         tmp = self.tmp / f"{queue_id}.state"
         tmp.unlink(missing_ok=True)
-        _write_synced(tmp, (state.to_json(),))
+        _write_synced(tmp, state.to_json())
         os.rename(tmp, self.state / queue_id)
         _fsync_dir(self.state)
 
