@@ -109,6 +109,15 @@ def test_sendmail_f_and_F_add_a_from_header(service, sink):
     assert decoded(got.header("From")) == f"Jörg App <noreply@{DOMAIN}>"
 
 
+def test_sendmail_f_null_sender_for_auto_replies(service, sink):
+    message = b"From: app@example.org\nTo: x@example.net\nX-Token: null-f\n\nout of office\n"
+    done = service.cli("sendmail", "-t", "-f", "<>", stdin=message)
+    assert done.returncode == 0, done.stderr
+    got = sink.wait_token("null-f")[0]
+    assert got.sender == ""
+    assert got.recipients == ["x@example.net"]
+
+
 def test_sendmail_v_shows_the_conversation(service, sink):
     done = service.cli("sendmail", "-v", "-i", "v@example.net", stdin=LF_MESSAGE % b"verbose")
     assert done.returncode == 0

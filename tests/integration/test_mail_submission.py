@@ -93,6 +93,15 @@ def test_smtputf8_and_8bit(service, sink):
     assert got[0].data.endswith("Ä body\r\n".encode())
 
 
+def test_null_sender_is_accepted_and_delivered_with_it(service, sink):
+    # Auto-replies and delivery reports use MAIL FROM:<> so that nobody answers them.
+    with smtplib.SMTP(service.host, service.port, timeout=30) as smtp:
+        assert smtp.sendmail("", ["user@example.net"], simple_message("nullsender")) == {}
+    got = sink.wait_token("nullsender")
+    assert len(got) == 1 and got[0].sender == ""
+    assert "from=<>, size=" in service.log_text()
+
+
 @pytest.mark.parametrize(
     ("sender", "expected"),
     [

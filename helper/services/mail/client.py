@@ -161,7 +161,8 @@ def client_sendmail(
 
     :param message: an :class:`email.message.EmailMessage` (or legacy ``Message``), or bytes;
         line ends are made CRLF and any ``Bcc:`` header is removed before sending.
-    :param sender: envelope sender; default: the address in ``From:``.
+    :param sender: envelope sender; default: the address in ``From:``; ``""`` or ``"<>"`` for the
+        null sender (auto-replies).
     :param recipients: envelope recipients; default: the addresses in ``To:``, ``Cc:``, ``Bcc:``.
     :param address: the service (``host:port`` or ``unix:PATH``); default ``$CHROOT_HELPER_SMTP``
         or ``127.0.0.1:25``.
@@ -182,7 +183,9 @@ def client_sendmail(
         recipients = [recipients]
     if not recipients:
         raise ValueError("no recipients: pass recipients= or give the message To:/Cc:/Bcc:")
-    for address_text in (sender, *recipients):
+    if sender == "<>":
+        sender = ""  # the null sender of auto-replies and delivery reports
+    for address_text in (sender, *recipients) if sender else recipients:
         problem = bad_envelope_address(address_text)
         if problem is not None:
             raise ValueError(f"envelope address {problem}")

@@ -217,7 +217,11 @@ def build_submission(args: SendmailArgs, raw: bytes) -> Submission:
         if not found:
             raise DataError("sendmail: no sender; pass -f ADDR or give the message a From: header")
         sender = found[0]
-    problem = bad_envelope_address(sender)
+    if sender in ("", "<>"):  # the null sender of auto-replies: -f '<>'
+        sender = ""
+        if header_value(data, "from") is None:
+            raise DataError("sendmail: a message with the null sender (-f '<>') needs a From:")
+    problem = bad_envelope_address(sender) if sender else None
     if problem is not None:
         raise DataError(f"sendmail: {problem}")
     if header_value(data, "from") is None:

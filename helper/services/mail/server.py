@@ -88,6 +88,22 @@ _UNSAFE = re.compile(r"[^\x21-\x7e]|[()]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+NULL_SENDER = "<>"
+"""How aiosmtpd gives ``MAIL FROM:<>``; the queued envelope has ``""``."""
+
+
+def _check_sender(config: MailConfig, address: str, *, smtputf8: bool) -> str | None:
+    """The reply refusing envelope sender *address*, or ``None``.  The null sender (``<>``, used
+    by auto-replies and delivery reports so that nobody answers them; ``""`` once queued) is
+    always accepted (RFC 5321, 4.5.5); this service never bounces a message that has it."""
+    if address in ("", NULL_SENDER):
+        return None
+    reply = check_address(address, smtputf8=smtputf8)
+    if reply is None and not config.sender_allowed(address):
+        reply = REPLY_SENDER_DENIED
+    return reply
+
+
 def _sanitize(text: str, limit: int = 64) -> str:
     """Client-chosen text made safe for a header or a log line."""
     return _UNSAFE.sub("?", text)[:limit]
@@ -197,9 +213,7 @@ class SubmissionHandler:
         smtputf8 = "SMTPUTF8" in mail_options
         if not self.service.limiter.allow(cast(_Submission, server).rate_key):
             return self._reject(server, REPLY_RATE_LIMIT, "MAIL FROM", address)
-        reply = check_address(address, smtputf8=smtputf8)
-        if reply is None and not config.sender_allowed(address):
-            reply = REPLY_SENDER_DENIED
+        reply = _check_sender(config, address, smtputf8=smtputf8)
         if reply is not None:
             return self._reject(server, reply, "MAIL FROM", address)
         envelope.mail_from = address
@@ -235,7 +249,7 @@ class SubmissionHandler:
             # is queued for delivery (it may have been durable already).
             queue_id = await asyncio.shield(
                 self.service.commit(
-                    sender=envelope.mail_from,
+                    sender="" if envelope.mail_from == NULL_SENDER else envelope.mail_from,
                     recipients=envelope.rcpt_tos,
                     data=data,
                     client=submission.client,
@@ -414,10 +428,11 @@ class MailService:
         :returns: the queue ID.
         :raises SubmitError: the message breaks a rule; ``code`` is the SMTP code it would get.
         """
+        if sender == NULL_SENDER:
+            sender = ""
         smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         checks = [
-            (check_address(sender, smtputf8=smtputf8), sender),
-            (None if self.config.sender_allowed(sender) else REPLY_SENDER_DENIED, sender),
+            (_check_sender(self.config, sender, smtputf8=smtputf8), sender),
             *((check_address(r, smtputf8=smtputf8), r) for r in recipients),
             (None if recipients else "554 5.5.1 No valid recipients", ""),
             (
