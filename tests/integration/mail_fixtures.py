@@ -21,6 +21,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -90,6 +91,7 @@ class Received:
     recipients: list[str]
     data: bytes
     auth: str | None = None
+    tls: bool = False
 
     def header(self, name: str) -> str | None:
         import email
@@ -118,7 +120,15 @@ class Sink:
             raw = path.read_bytes()
             head, _, data = raw.partition(b"\n")
             envelope = json.loads(head)
-            out.append(Received(envelope["from"], envelope["to"], data, envelope.get("auth")))
+            out.append(
+                Received(
+                    envelope["from"],
+                    envelope["to"],
+                    data,
+                    envelope.get("auth"),
+                    envelope.get("tls", False),
+                )
+            )
         return out
 
     def with_token(self, token: str) -> list[Received]:
@@ -150,8 +160,10 @@ def run_sink(
     label: str = "sink",
     reject_prefix: str = "",
     auth: str = "",
+    tls: tuple[Path, Path] | None = None,
 ) -> Iterator[Sink]:
-    """Start the sink on a free loopback port (or ``port``); stop it on exit."""
+    """Start the sink on a free loopback port (or ``port``); stop it on exit.  With *tls*
+    (certificate and key files) it offers STARTTLS and requires it before MAIL."""
     port = port if port is not None else free_port()
     directory = tmp_path / f"{label}-messages"
     directory.mkdir(exist_ok=True)
@@ -161,6 +173,8 @@ def run_sink(
         argv += ["--reject-prefix", reject_prefix]
     if auth:
         argv += ["--auth", auth]
+    if tls:
+        argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     with open(log, "ab") as sink_log:
         proc = subprocess.Popen(argv, stdout=sink_log, stderr=subprocess.STDOUT)
     try:
@@ -329,6 +343,8 @@ def _sink_main(argv: list[str]) -> int:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--reject-prefix", default="")
     parser.add_argument("--auth", default="", help="require AUTH with user:password")
+    parser.add_argument("--tls-cert", default="", help="offer and require STARTTLS")
+    parser.add_argument("--tls-key", default="")
     args = parser.parse_args(argv)
     host, port = args.listen.rsplit(":", 1)
     directory = Path(args.dir)
@@ -345,7 +361,9 @@ def _sink_main(argv: list[str]) -> int:
             name = f"{os.getpid()}-{next(counter):06d}.eml"
             sender = "" if envelope.mail_from == "<>" else envelope.mail_from  # null sender
             user = session.auth_data.login.decode() if session.auth_data else None
-            head = json.dumps({"from": sender, "to": envelope.rcpt_tos, "auth": user}).encode()
+            tls = session.ssl is not None
+            head = {"from": sender, "to": envelope.rcpt_tos, "auth": user, "tls": tls}
+            head = json.dumps(head).encode()
             tmp = directory / f"{name}.tmp"
             tmp.write_bytes(head + b"\n" + envelope.original_content)
             tmp.rename(directory / name)
@@ -365,6 +383,10 @@ def _sink_main(argv: list[str]) -> int:
                 "auth_require_tls": False,
                 "authenticator": authenticator,
             }
+        if args.tls_cert:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+            options.update(tls_context=context, require_starttls=True)
         server = await loop.create_server(
             lambda: SMTP(Handler(), enable_SMTPUTF8=True, loop=loop, **options), host, int(port)
         )

@@ -133,6 +133,40 @@ def test_smarthost_auth_from_a_private_file_and_starttls_requirement(tmp_path):
             assert sink.with_token("needs-tls") == []
 
 
+def self_signed_certificate(directory) -> tuple:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made with openssl."""
+    cert, key = directory / "relay-cert.pem", directory / "relay-key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=relay.test", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_smarthost_starttls_checks_the_certificate_against_the_configured_ca(tmp_path):
+    cert, key = self_signed_certificate(tmp_path)
+    with run_sink(tmp_path, tls=(cert, key)) as sink:
+        relay = f"smtp://{sink.address}"
+        # Trusting the relay's CA: delivered, over TLS.
+        with run_service(
+            tmp_path, label="ca", relay=relay, relay_starttls=True, relay_ca_file=str(cert)
+        ) as service:
+            submit(service, "over-tls")
+            got = sink.wait_token("over-tls")
+            assert len(got) == 1 and got[0].tls
+        # The system's CAs do not know it: nothing is sent, the message stays queued.
+        with run_service(tmp_path, label="noca", relay=relay, relay_starttls=True) as service:
+            submit(service, "untrusted")
+            rows = wait_until(
+                lambda: [r for r in service.mailq() if r["attempts"] >= 1], "no attempt was made"
+            )
+            assert "CERTIFICATE_VERIFY_FAILED" in rows[0]["last_error"]
+            assert sink.with_token("untrusted") == []
+
+
 FAKE_SENDMAIL = """\
 #!{python}
 # A stand-in for /usr/sbin/sendmail: records argv and stdin, exits as told.

@@ -107,6 +107,23 @@ def test_relay_auth_file_must_be_private(tmp_path):
             parse_config({"relay": "smtp://127.0.0.1:2525", "relay_auth_file": str(auth)})
 
 
+def test_relay_ca_file_is_loaded_at_start_and_needs_starttls(tmp_path):
+    relay = {"relay": "smtp://127.0.0.1:2525", "relay_starttls": True}
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"mail.relay_ca_file = '.*ca.pem': cannot load it"):
+        parse_config({**relay, "relay_ca_file": str(bad)})
+    with pytest.raises(ConfigError, match=r"cannot load it"):
+        parse_config({**relay, "relay_ca_file": str(tmp_path / "missing.pem")})
+    with pytest.raises(ConfigError, match=r"has no effect without mail.relay_starttls = true"):
+        parse_config(
+            {
+                "relay": "smtp://127.0.0.1:2525",
+                "relay_ca_file": "/etc/ssl/certs/ca-certificates.crt",
+            }
+        )
+
+
 def test_sizes_and_durations():
     assert parse_size("512K") == 512 * 1024
     assert parse_size("10MB") == 10 * 1024**2

@@ -18,6 +18,7 @@ Every key and its default::
     relay = ""                         # "smtp://host:port" or "sendmail:/usr/sbin/sendmail";
                                        # "" keeps every message queued (nothing is delivered)
     relay_starttls = false             # smtp relay: require STARTTLS before MAIL
+    relay_ca_file = ""                 # smtp relay: PEM CA for its certificate (default: system)
     relay_auth_file = ""               # smtp relay: "user:password" file, mode 0600/0400
     relay_timeout = 60                 # seconds for one relay conversation step
     domain = ""                        # the site's mail domain; "" = this host's FQDN
@@ -47,6 +48,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -111,12 +113,15 @@ class SmtpRelay:
     :param starttls: refuse to send unless the relay accepts STARTTLS.
     :param auth_file: a file holding ``user:password``; it must not be readable by group or
         others, since it holds a credential.
+    :param ca_file: PEM certificates that the relay's STARTTLS certificate must chain to
+        (a private CA); ``None`` uses the system's CA store.
     """
 
     host: str
     port: int
     starttls: bool = False
     auth_file: Path | None = None
+    ca_file: Path | None = None
 
     def __str__(self) -> str:
         return f"smtp://{self.host}:{self.port}"
@@ -349,6 +354,17 @@ def _sender_pattern(text: str) -> str:
     return pattern
 
 
+def _check_ca_file(path: Path) -> None:
+    """Load *path* as PEM CA certificates now, so a bad file fails at start, not per message."""
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"mail.relay_ca_file = {str(path)!r}: cannot load it as PEM certificates ({exc}); "
+            "point it at the CA certificate that signed the relay's certificate"
+        ) from None
+
+
 def _check_auth_file(path: Path) -> None:
     try:
         info = path.stat()
@@ -379,6 +395,7 @@ _KNOWN = frozenset(
         "spool",
         "relay",
         "relay_starttls",
+        "relay_ca_file",
         "relay_auth_file",
         "relay_timeout",
         "domain",
@@ -444,13 +461,24 @@ def parse_config(table: Mapping[str, object]) -> MailConfig:
         assert isinstance(auth_text, str)
         auth_file = Path(auth_text)
         _check_auth_file(auth_file)
+    ca_file: Path | None = None
+    if table.get("relay_ca_file"):
+        ca_text = _typed(table, "relay_ca_file", str, "a PEM file path")
+        assert isinstance(ca_text, str)
+        ca_file = Path(ca_text)
+        _check_ca_file(ca_file)
+        if not starttls:
+            raise ConfigError(
+                f"mail.relay_ca_file = {ca_text!r} has no effect without mail.relay_starttls = "
+                "true; set it (the relay's certificate is then checked against this CA)"
+            )
     if (starttls or auth_file) and not isinstance(relay, SmtpRelay):
         raise ConfigError(
             "mail.relay_starttls / mail.relay_auth_file apply to an SMTP relay only; set "
             "mail.relay = 'smtp://host:port' or remove them"
         )
     if isinstance(relay, SmtpRelay):
-        relay = dataclasses.replace(relay, starttls=starttls, auth_file=auth_file)
+        relay = dataclasses.replace(relay, starttls=starttls, auth_file=auth_file, ca_file=ca_file)
     kwargs["relay"] = relay
 
     domain = socket.getfqdn().lower()

@@ -174,7 +174,9 @@ class SmtpTransport:
                         permanent=False,
                         dsn="4.7.0",
                     )
-                smtp.starttls(context=ssl.create_default_context())
+                ca_file = self.relay.ca_file
+                context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+                smtp.starttls(context=context)
                 smtp.ehlo()
             credentials = self._credentials()
             if credentials is not None:
