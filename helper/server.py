@@ -94,6 +94,9 @@ _SNDBUF: Final = 2 << 20
 _FD_SPACE: Final = ancillary_space(MAX_FDS)
 #: Connections accepted in one go when the listener turns readable.
 _ACCEPT_BATCH: Final = 64
+LISTEN_BACKLOG: Final = 1024
+"""Connections the kernel queues before the daemon accepts them (capped by
+``net.core.somaxconn``): a burst of clients waits in the queue instead of failing to connect."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -439,7 +442,7 @@ class HelperServer:
             gid = -1 if self.config.socket_gid is None else self.config.socket_gid
             os.chown(path, uid, gid)
         os.chmod(path, self.config.socket_mode)
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
 
@@ -454,7 +457,7 @@ class HelperServer:
             raise ConfigError(
                 f"[helper] tcp = {host}:{port}: cannot bind ({exc.strerror})"
             ) from None
-        sock.listen(128)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         return sock
 
