@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import os
 import shutil
@@ -300,23 +301,29 @@ def test_unreachable_helper_names_the_socket(
         client.run(["echo"])
 
 
+@contextlib.contextmanager
+def running_cats(count: int) -> Iterator[None]:
+    """*count* ``cat`` commands of this process, running until the block ends (then exit 0)."""
+    procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.close()
+            proc.wait()
+    assert [proc.returncode for proc in procs] == [0] * count
+
+
 def test_global_concurrency_limit_refuses_every_peer_then_recovers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     with running_helper(COMMANDS, helper_table="max_concurrent = 2\nmax_per_uid = 2") as small:
         monkeypatch.setenv("CHROOT_HELPER_SOCKET", small.socket)
-        procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
-        try:
-            code = "client.run(['echo', 'x'])"
-            refused = small.run_client(code, check=False)
+        with running_cats(2):
+            refused = small.run_client("client.run(['echo', 'x'])", check=False)
             assert "BusyError: 2 requests are running" in refused.stderr
             assert "max_concurrent = 2" in refused.stderr
-        finally:
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.close()
-                proc.wait()
-        assert [proc.returncode for proc in procs] == [0, 0]
         assert small.run_client("client.run(['echo', 'x'])").returncode == 0
 
 
@@ -328,8 +335,7 @@ def test_per_uid_limit_counts_every_process_of_that_uid_and_serves_other_uids(
         monkeypatch.setenv("CHROOT_HELPER_SOCKET", limited.socket)
         # Two commands from this process (its max_per_peer), a third from another root process:
         # uid 0 then runs max_per_uid = 3, and a fourth from yet another process is refused.
-        procs = [client.Popen(["cat"], stdin=client.PIPE, stdout=client.DEVNULL) for _ in range(2)]
-        try:
+        with running_cats(2):
             code = (
                 "p = client.Popen(['cat'], stdin=client.PIPE, stdout=client.DEVNULL)\n"
                 "print('holding', flush=True)\n"
@@ -352,12 +358,6 @@ def test_per_uid_limit_counts_every_process_of_that_uid_and_serves_other_uids(
             code = "print(client.run(['echo', 'www'], capture_output=True).stdout)"
             assert limited.run_client(code, user=33).stdout.strip() == "b'www\\n'"
             assert holder.communicate("\n", timeout=30)[0].strip() == "0"
-        finally:
-            for proc in procs:
-                assert proc.stdin is not None
-                proc.stdin.close()
-                proc.wait()
-        assert [proc.returncode for proc in procs] == [0, 0]
         assert limited.run_client("client.run(['echo', 'x'])").returncode == 0
 
 

@@ -50,7 +50,7 @@ import re
 import socket
 import ssl
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -354,6 +354,19 @@ def _sender_pattern(text: str) -> str:
     return pattern
 
 
+def _file_key(
+    table: Mapping[str, object], key: str, expected: str, check: Callable[[Path], None]
+) -> Path | None:
+    """The path in ``mail.KEY``, passed through *check*; ``None`` when unset or empty."""
+    if not table.get(key):
+        return None
+    text = _typed(table, key, str, expected)
+    assert isinstance(text, str)
+    path = Path(text)
+    check(path)
+    return path
+
+
 def _check_ca_file(path: Path) -> None:
     """Load *path* as PEM CA certificates now, so a bad file fails at start, not per message."""
     try:
@@ -455,23 +468,13 @@ def parse_config(table: Mapping[str, object]) -> MailConfig:
     starttls = False
     if "relay_starttls" in table:
         starttls = bool(_typed(table, "relay_starttls", bool, "true or false"))
-    auth_file: Path | None = None
-    if table.get("relay_auth_file"):
-        auth_text = _typed(table, "relay_auth_file", str, "a file path")
-        assert isinstance(auth_text, str)
-        auth_file = Path(auth_text)
-        _check_auth_file(auth_file)
-    ca_file: Path | None = None
-    if table.get("relay_ca_file"):
-        ca_text = _typed(table, "relay_ca_file", str, "a PEM file path")
-        assert isinstance(ca_text, str)
-        ca_file = Path(ca_text)
-        _check_ca_file(ca_file)
-        if not starttls:
-            raise ConfigError(
-                f"mail.relay_ca_file = {ca_text!r} has no effect without mail.relay_starttls = "
-                "true; set it (the relay's certificate is then checked against this CA)"
-            )
+    auth_file = _file_key(table, "relay_auth_file", "a file path", _check_auth_file)
+    ca_file = _file_key(table, "relay_ca_file", "a PEM file path", _check_ca_file)
+    if ca_file is not None and not starttls:
+        raise ConfigError(
+            f"mail.relay_ca_file = {str(ca_file)!r} has no effect without mail.relay_starttls = "
+            "true; set it (the relay's certificate is then checked against this CA)"
+        )
     if (starttls or auth_file) and not isinstance(relay, SmtpRelay):
         raise ConfigError(
             "mail.relay_starttls / mail.relay_auth_file apply to an SMTP relay only; set "
