@@ -93,6 +93,24 @@ def test_smtputf8_and_8bit(service, sink):
     assert got[0].data.endswith("Ä body\r\n".encode())
 
 
+def test_commands_without_mail_cannot_hold_a_connection_open(service, sink, raw):
+    # NOOP restarts the idle timeout: 100 of them in a row are answered, the 101st closes.
+    for _ in range(60):
+        assert raw.command(b"NOOP")[0] == 250
+    # An accepted message starts the count again.
+    raw.send(f"MAIL FROM:<app@{DOMAIN}>\r\nRCPT TO:<junk@example.net>\r\nDATA\r\n".encode())
+    assert [raw.read_reply()[0] for _ in range(3)] == [250, 250, 354]
+    assert raw.command(simple_message("junk-reset") + b".")[0] == 250
+    for verb in [b"NOOP", b"RSET", b"VRFY x@example.net", b"HELP"] * 25:
+        assert raw.command(verb)[0] < 400
+    code, text = raw.command(b"NOOP")
+    assert (code, text) == (421, "4.7.0 Too many commands without mail; closing the connection")
+    with pytest.raises(ConnectionError):
+        raw.command(b"NOOP")
+    assert "100 commands without mail; closing" in service.log_text()
+    deliver_one(service, sink, "after-junk")
+
+
 def test_null_sender_is_accepted_and_delivered_with_it(service, sink):
     # Auto-replies and delivery reports use MAIL FROM:<> so that nobody answers them.
     with smtplib.SMTP(service.host, service.port, timeout=30) as smtp:

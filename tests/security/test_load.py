@@ -13,6 +13,7 @@ their effect is seen within a test; no test asserts on timing beyond a socket ti
 from __future__ import annotations
 
 import json
+import resource
 import smtplib
 import subprocess
 import sys
@@ -25,8 +26,9 @@ import dns.query
 import dns.rcode
 import pytest
 from chroot_helper import client
-from dns_fixtures import free_port, run_upstream
+from dns_fixtures import free_port, run_stub, run_upstream
 from helper_daemon import Helper, running_helper
+from mail_fixtures import run_service
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -343,3 +345,25 @@ def test_dns_junk_flood_leaves_real_queries_answered(
     assert answered == sent
     assert ignored > 0
     assert running.proc.poll() is None
+
+
+def soft_open_files_limit(pid: int) -> int:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return int(next(line for line in limits if line.startswith("Max open files")).split()[3])
+
+
+def test_every_daemon_raises_its_open_files_limit_to_the_hard_limit(tmp_path) -> None:
+    # A soft limit of 1,024 would cap the connections a daemon can hold far below what the
+    # load tests open; each daemon lifts it to the hard limit at start.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with running_helper('[exec.echo]\nargv = ["/bin/echo"]\n') as serve:
+            assert soft_open_files_limit(serve.proc.pid) == hard
+        with run_upstream(tmp_path, host="127.0.0.2") as upstream:
+            with run_stub(tmp_path, [upstream.address]) as stub:
+                assert soft_open_files_limit(stub.proc.pid) == hard
+        with run_service(tmp_path) as mail:
+            assert soft_open_files_limit(mail.proc.pid) == hard
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

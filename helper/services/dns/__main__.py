@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ...errors import ConfigError, ListenError
+from ...privileges import raise_open_files_limit
 from ..standalone import die_with_parent, read_table
 from .config import DnsConfig, parse_config
 from .server import start
@@ -127,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    log.info("open files limit: %d", raise_open_files_limit())
     return _run_workers(config)
 
 

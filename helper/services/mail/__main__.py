@@ -29,6 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ...errors import ConfigError, MailListenError, SpoolError
+from ...privileges import raise_open_files_limit
 from ..standalone import die_with_parent, read_table
 from .config import MailConfig, UnixAddress, parse_config
 from .mailq import flush_main, mailq_main
@@ -201,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    log.info("open files limit: %d", raise_open_files_limit())
     return run(config)
 
 

@@ -29,6 +29,7 @@ import concurrent.futures
 import contextlib
 import email.utils
 import errno
+import functools
 import logging
 import os
 import re
@@ -37,7 +38,7 @@ import stat
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Session
@@ -87,6 +88,31 @@ REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed limit"
 _UNSAFE = re.compile(r"[^\x21-\x7e]|[()]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+JUNK_COMMAND_LIMIT = 100
+"""Commands that move no mail (NOOP, RSET, VRFY, HELP) a connection may send since its last
+accepted message; each restarts ``mail.smtp_timeout``, so without a limit they would hold an
+idle connection open for ever (Postfix's ``smtpd_junk_command_limit`` is also 100)."""
+REPLY_TOO_MANY_JUNK = "421 4.7.0 Too many commands without mail; closing the connection"
+
+
+def _counted_as_junk(name: str) -> Callable[..., Awaitable[None]]:
+    """aiosmtpd's ``smtp_NAME``, first counted against :data:`JUNK_COMMAND_LIMIT`."""
+    original = getattr(FastSMTP, name)
+
+    @functools.wraps(original)  # keeps aiosmtpd's syntax attributes (used by HELP)
+    async def command(self: _Submission, arg: str) -> None:
+        self.junk += 1
+        if self.junk > JUNK_COMMAND_LIMIT:
+            log.warning("%s: %d commands without mail; closing", self.client, JUNK_COMMAND_LIMIT)
+            await self.push(REPLY_TOO_MANY_JUNK)
+            assert self._handler_coroutine is not None and self.transport is not None
+            self._handler_coroutine.cancel()  # as aiosmtpd's QUIT ends a session
+            self.transport.close()
+            return
+        await original(self, arg)
+
+    return command
+
 
 NULL_SENDER = "<>"
 """How aiosmtpd gives ``MAIL FROM:<>``; the queued envelope has ``""``."""
@@ -127,6 +153,7 @@ class _Submission(FastSMTP):
         self.rate_key: object = None
         self.owner: object = None
         self.refused = False
+        self.junk = 0  # commands without mail since the last accepted message
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply line, control bytes replaced: aiosmtpd echoes an unknown command verb
@@ -144,6 +171,11 @@ class _Submission(FastSMTP):
             return super()._getaddr(arg)
         except IndexError:
             return None, None
+
+    smtp_NOOP = _counted_as_junk("smtp_NOOP")
+    smtp_RSET = _counted_as_junk("smtp_RSET")
+    smtp_VRFY = _counted_as_junk("smtp_VRFY")
+    smtp_HELP = _counted_as_junk("smtp_HELP")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         sock = transport.get_extra_info("socket")
@@ -261,6 +293,7 @@ class SubmissionHandler:
         except (OSError, SpoolError) as exc:
             log.error("%s: cannot queue a message: %s", submission.client, exc)
             return REPLY_SPOOL_ERROR
+        submission.junk = 0
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
 
