@@ -12,7 +12,6 @@ Exit codes: 0 stopped by a signal, 2 bad command line, 71 cannot bind, 78 bad co
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -21,9 +20,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
-from ...errors import ConfigError, ListenError
-from ...privileges import raise_open_files_limit
-from ..standalone import die_with_parent, read_table
+from ...errors import ListenError
+from ..standalone import die_with_parent, start_runner
 from .config import DnsConfig, parse_config
 from .server import start
 from .stats import format_stats
@@ -32,15 +30,9 @@ log = logging.getLogger("chroot_helper.services.dns")
 
 EXIT_OK = 0
 EXIT_LISTEN = 71
-EXIT_CONFIG = 78
 
 PASSED_ON = (signal.SIGUSR1, signal.SIGHUP)
 """Signals the parent of several workers passes on to the others."""
-
-
-def load_config(path: str) -> DnsConfig:
-    """The validated ``[dns]`` table of the TOML file at ``path``."""
-    return parse_config(read_table(path, "dns"))
 
 
 async def serve(config: DnsConfig, children: Sequence[int] = ()) -> int:
@@ -110,25 +102,7 @@ def _run_workers(config: DnsConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="python -m chroot_helper.services.dns", description="Run the DNS stub alone."
-    )
-    parser.add_argument("--config", required=True, help="TOML file with a [dns] table")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    log.info("open files limit: %d", raise_open_files_limit())
+    config = start_runner("dns", "Run the DNS stub alone.", argv, parse_config)
     return _run_workers(config)
 
 

@@ -16,7 +16,6 @@ Exit codes: 0 stopped by a signal, 2 bad command line, 71 cannot bind, 73 spool 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -28,9 +27,8 @@ import stat
 import sys
 from collections.abc import Callable, Sequence
 
-from ...errors import ConfigError, MailListenError, SpoolError
-from ...privileges import raise_open_files_limit
-from ..standalone import die_with_parent, read_table
+from ...errors import MailListenError, SpoolError
+from ..standalone import die_with_parent, start_runner
 from .config import MailConfig, UnixAddress, parse_config
 from .mailq import flush_main, mailq_main
 from .sendmail_cli import main as sendmail_main
@@ -41,12 +39,6 @@ log = logging.getLogger("chroot_helper.services.mail")
 EXIT_OK = 0
 EXIT_LISTEN = 71
 EXIT_SPOOL = 73
-EXIT_CONFIG = 78
-
-
-def load_config(path: str) -> MailConfig:
-    """The validated ``[mail]`` table of the TOML file at ``path``."""
-    return parse_config(read_table(path, "mail"))
 
 
 async def serve(
@@ -180,29 +172,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return mailq_main(args_list[1:])
     if args_list and args_list[0] == "flush":
         return flush_main(args_list[1:])
-    parser = argparse.ArgumentParser(
-        prog="python -m chroot_helper.services.mail",
-        description="Run the mail service alone (or: sendmail|mailq|flush ARGS).",
-    )
-    parser.add_argument("--config", required=True, help="TOML file with a [mail] table")
-    parser.add_argument(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"]
-    )
-    args = parser.parse_args(args_list)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    config = start_runner(
+        "mail",
+        "Run the mail service alone (or: sendmail|mailq|flush ARGS).",
+        args_list,
+        parse_config,
     )
     # aiosmtpd logs every command at INFO on "mail.log", addresses included; keep it for DEBUG.
-    if args.log_level != "DEBUG":
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("mail.log").setLevel(logging.WARNING)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    log.info("open files limit: %d", raise_open_files_limit())
     return run(config)
 
 
