@@ -587,11 +587,18 @@ def load_config(path: str) -> HelperConfig:
     :raises ConfigError: the file cannot be read or parsed, or a key is invalid; the message names
         the key, the value and the fix.
     """
+    return parse_config(read_toml(path), source=path)
+
+
+def read_toml(path: str) -> dict[str, object]:
+    """The TOML document at *path*.
+
+    :raises ConfigError: the file cannot be read or is not TOML; the message names the file.
+    """
     try:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            return tomllib.load(fh)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
-    return parse_config(data, source=path)

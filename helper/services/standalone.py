@@ -12,10 +12,10 @@ import logging
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
+from ..config import read_toml
 from ..errors import ConfigError
 from ..privileges import raise_open_files_limit
 
@@ -31,14 +31,7 @@ PR_SET_PDEATHSIG = 1
 
 def read_table(path: str, name: str) -> dict[str, object]:
     """The ``[name]`` table of the TOML file at *path*; ConfigError saying what is wrong."""
-    try:
-        with open(path, "rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(f"--config {path!r}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"--config {path!r}: not valid TOML ({exc})") from None
-    table = document.get(name)
+    table = read_toml(path).get(name)
     if not isinstance(table, dict):
         raise ConfigError(f"--config {path!r}: has no [{name}] table; add one (see {name}.listen)")
     return table

@@ -24,11 +24,11 @@ import argparse
 import json
 import sys
 import time
-import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from ...config import read_toml
 from ...errors import ConfigError, SpoolError
 from .config import DEFAULT_SPOOL
 from .spool import Spool
@@ -54,13 +54,7 @@ def spool_path(spool: str | None, config: str | None) -> Path:
     if spool:
         return Path(spool)
     if config:
-        try:
-            with open(config, "rb") as handle:
-                table = tomllib.load(handle).get("mail", {})
-        except OSError as exc:
-            raise ConfigError(f"--config {config!r}: cannot read it ({exc.strerror})") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"--config {config!r}: not valid TOML ({exc})") from None
+        table = read_toml(config).get("mail", {})
         value = table.get("spool", DEFAULT_SPOOL) if isinstance(table, dict) else DEFAULT_SPOOL
         if not isinstance(value, str):
             raise ConfigError(f"mail.spool = {value!r}: expected a directory path")
