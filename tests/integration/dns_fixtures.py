@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.server
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ from pathlib import Path
 
 import dns.message
 import dns.query
+from helper_daemon import stop
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "dns_upstream.py"
@@ -61,16 +60,6 @@ def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], what: str
         f"{what} not ready within {READY_TIMEOUT}s (no {pattern!r} in {path}); "
         f"check the log:\n{path.read_text(errors='replace') if path.exists() else ''}"
     )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
 
 
 @dataclasses.dataclass
@@ -124,7 +113,7 @@ def run_upstream(
         _wait_for(out, r"ready", proc, f"test upstream on {host}:{port}")
         yield Upstream(host, port, proc, query_log)
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 @dataclasses.dataclass
@@ -262,4 +251,4 @@ def run_stub(
         _wait_for(log, r"dns stub ready on", proc, f"DNS stub on {listen}")
         yield Stub(host, port, proc, log)
     finally:
-        _stop(proc)
+        stop(proc)

@@ -136,14 +136,19 @@ def running_helper(
         (base / "jail").chmod(0o755)
         yield Helper(socket=sock, config=config, log=log, proc=proc, base=base)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM a process this test started, SIGKILL it if it does not exit within 20 s."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
 
 
 def processes_with(marker: str) -> list[int]:

@@ -28,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from helper_daemon import stop
+
 HERE = Path(__file__).resolve()
 READY_TIMEOUT = 30.0
 DOMAIN = "example.org"
@@ -70,17 +72,6 @@ def wait_until(predicate, what: str, timeout: float = 60.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g}s")
         time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process we started, SIGKILL if it does not exit."""
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
 
 
 @dataclasses.dataclass
