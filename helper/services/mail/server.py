@@ -115,7 +115,7 @@ def _counted_as_junk(name: str) -> Callable[..., Awaitable[None]]:
 
 
 NULL_SENDER = "<>"
-"""How aiosmtpd gives ``MAIL FROM:<>``; the queued envelope has ``""``."""
+"""How aiosmtpd gives ``MAIL FROM:<>``; :meth:`MailService.commit` queues it as ``""``."""
 
 
 def _check_sender(config: MailConfig, address: str, *, smtputf8: bool) -> str | None:
@@ -281,7 +281,7 @@ class SubmissionHandler:
             # is queued for delivery (it may have been durable already).
             queue_id = await asyncio.shield(
                 self.service.commit(
-                    sender="" if envelope.mail_from == NULL_SENDER else envelope.mail_from,
+                    sender=envelope.mail_from,
                     recipients=envelope.rcpt_tos,
                     data=data,
                     client=submission.client,
@@ -393,9 +393,12 @@ class MailService:
     ) -> str:
         """Write the message durably (file and directory fsynced) and queue it for delivery.
 
-        No policy checks: callers check first (the SMTP handler, :meth:`submit`).
+        No policy checks: callers check first (the SMTP handler, :meth:`submit`).  The null
+        sender, ``<>`` as aiosmtpd gives it, is queued as ``""``.
         :returns: the queue ID, once the message survives a crash.
         """
+        if sender == NULL_SENDER:
+            sender = ""
         queue_id = new_queue_id()
         now = time.time()
         protocol = "UTF8ESMTP" if smtputf8 else "ESMTP"
@@ -461,8 +464,6 @@ class MailService:
         :returns: the queue ID.
         :raises SubmitError: the message breaks a rule; ``code`` is the SMTP code it would get.
         """
-        if sender == NULL_SENDER:
-            sender = ""
         smtputf8 = not (sender.isascii() and all(r.isascii() for r in recipients))
         checks = [
             (_check_sender(self.config, sender, smtputf8=smtputf8), sender),
