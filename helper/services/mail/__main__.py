@@ -72,12 +72,8 @@ async def serve(
 
     try:
         service = await start(config, sockets=sockets, on_commit=on_commit)
-    except MailListenError as exc:
-        log.error("%s", exc)
-        return EXIT_LISTEN
-    except SpoolError as exc:
-        log.error("%s", exc)
-        return EXIT_SPOOL
+    except (MailListenError, SpoolError) as exc:
+        return _failed_start(exc)
     for pipe in worker_pipes:
         loop.add_reader(pipe, _read_queue_ids, loop, pipe, service.runner.enqueue, {})
     loop.add_signal_handler(
@@ -90,6 +86,12 @@ async def serve(
         await service.close()
         log.info("mail service stopped")
     return EXIT_OK
+
+
+def _failed_start(exc: MailListenError | SpoolError) -> int:
+    """Log why the service cannot start; return its exit code (listeners or spool)."""
+    log.error("%s", exc)
+    return EXIT_LISTEN if isinstance(exc, MailListenError) else EXIT_SPOOL
 
 
 def _read_queue_ids(
@@ -120,12 +122,8 @@ def run(config: MailConfig) -> int:
     try:
         sockets = bind_listeners(config)
         Spool(config.spool).open()
-    except MailListenError as exc:
-        log.error("%s", exc)
-        return EXIT_LISTEN
-    except SpoolError as exc:
-        log.error("%s", exc)
-        return EXIT_SPOOL
+    except (MailListenError, SpoolError) as exc:
+        return _failed_start(exc)
     parent = os.getpid()
     children: list[tuple[int, int]] = []
     for _ in range(config.workers - 1):
