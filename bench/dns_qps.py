@@ -4,6 +4,8 @@ Prints ratios (this machine is noisy; absolute numbers mislead):
 
 - dnsperf queries/s, stub / dnsmasq (goal >= 1.0), and average latency ratio, over a 50-name
   query file, after one warm-up pass through each (``--rounds``: alternating runs, medians);
+  dnsperf sends from one thread per CPU, as a site's worker processes do (a pinned stub worker
+  takes the queries sent from its CPU, see ``pin_workers``);
 - ``getaddrinfo`` p50 from a jailed process through the stub vs a plain process through dnsmasq
   (goal <= 1.0), five processes each, interleaved, median.  glibc asks port 53, so both listen
   on port 53 of spare loopback addresses; the plain process sees dnsmasq through a resolv.conf
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -75,6 +78,8 @@ def dnsperf(host: str, port: int, query_file: Path, seconds: int) -> tuple[float
             str(seconds),
             "-c",
             "4",
+            "-T",
+            str(len(os.sched_getaffinity(0))),
             "-Q",
             "200000",
         ],

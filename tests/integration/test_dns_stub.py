@@ -531,6 +531,76 @@ def test_workers_all_get_sigusr1_and_sighup(tmp_path, upstream):
         assert stub.alive()
 
 
+def _cpus_allowed(pid):
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("Cpus_allowed_list:"))
+    return line.split()[1]
+
+
+def _ask_from_cpu(stub, cpu, count):
+    """*count* lookups, each from a new socket (a new source port), sent while on *cpu*."""
+    query = dns.message.make_query("a.test", "A").to_wire()
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        for _ in range(count):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.settimeout(5)
+                sock.sendto(query, (stub.host, stub.port))
+                assert dns.message.from_wire(sock.recv(4096)).rcode() == dns.rcode.NOERROR
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
+def _queries_by_pid(stub, workers):
+    before = stub.log.read_text().count("dns stats:")
+    os.kill(stub.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while stub.log.read_text().count("dns stats:") < before + len(workers):
+        assert time.monotonic() < deadline, stub.log.read_text()
+        time.sleep(0.05)
+    counts = {}
+    for line in stub.log.read_text().splitlines()[::-1]:
+        if "dns stats:" in line:
+            pid = line.split("[")[1].split("]")[0]
+            counts.setdefault(pid, int(line.split("queries=")[1].split()[0]))
+    return counts
+
+
+def test_pinned_workers_answer_the_queries_sent_from_their_cpu(tmp_path, upstream):
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    assert len(cpus) == 2, "this test needs two CPUs"
+    with run_stub(tmp_path, [upstream.address], workers=2) as stub:
+        deadline = time.monotonic() + 10
+        while len(_pids_logging(stub, "dns stub ready on")) < 2:
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
+        workers = _pids_logging(stub, "dns stub ready on")
+        pinned = {_cpus_allowed(pid): pid for pid in workers}
+        assert sorted(pinned) == [str(cpu) for cpu in cpus]  # one CPU each
+        _ask_from_cpu(stub, cpus[0], 30)
+        assert _queries_by_pid(stub, workers) == {pinned[str(cpus[0])]: 30, pinned[str(cpus[1])]: 0}
+        _ask_from_cpu(stub, cpus[1], 20)
+        assert _queries_by_pid(stub, workers) == {
+            pinned[str(cpus[0])]: 30,
+            pinned[str(cpus[1])]: 20,
+        }
+
+
+def test_unpinned_workers_float_and_share_the_queries(tmp_path, upstream):
+    with run_stub(tmp_path, [upstream.address], workers=2, pin_workers=False) as stub:
+        deadline = time.monotonic() + 10
+        while len(_pids_logging(stub, "dns stub ready on")) < 2:
+            assert time.monotonic() < deadline, stub.log.read_text()
+            time.sleep(0.05)
+        workers = _pids_logging(stub, "dns stub ready on")
+        everywhere = _cpus_allowed(stub.proc.pid)
+        assert {_cpus_allowed(pid) for pid in workers} == {everywhere}
+        _ask_from_cpu(stub, sorted(os.sched_getaffinity(0))[0], 60)
+        counts = _queries_by_pid(stub, workers)
+        assert sum(counts.values()) == 60 and min(counts.values()) > 0  # hashed over both
+
+
 def _running(pid):
     try:
         with open(f"/proc/{pid}/stat") as stat:

@@ -84,6 +84,7 @@ def test_parse_resolv_conf_order():
         ({"upstream_timeout": 5, "timeout": 1}, r"dns.upstream_timeout = 5.0 is above"),
         ({"listn": "127.0.0.1:53"}, r"dns.listn: unknown key"),
         ({"workers": 0}, r"dns.workers = 0"),
+        ({"pin_workers": 1}, r"dns.pin_workers = 1: expected true or false"),
         ({"hosts_file": "/nonexistent/hosts"}, r"dns.hosts_file = '/nonexistent/hosts': no such"),
     ],
 )

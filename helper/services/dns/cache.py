@@ -17,7 +17,6 @@ from is still the cached one and its age in whole seconds (hence every TTL shown
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import struct
 from collections import OrderedDict
@@ -196,6 +195,8 @@ class AnswerCache:
         ):
             self._rendered.pop(rest, None)
             return None
-        with contextlib.suppress(KeyError):  # evicted since the line above
+        try:
             self._entries.move_to_end(found.key)
+        except KeyError:  # evicted since the line above
+            pass
         return query[:2] + found.tail

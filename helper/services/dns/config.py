@@ -30,6 +30,7 @@ Every key and its default::
     tcp_idle_timeout = 10.0          # seconds a TCP client may stay silent
     max_tcp_clients = 128
     workers = 1                      # processes sharing listen via SO_REUSEPORT (standalone run)
+    pin_workers = true               # workers > 1: one CPU each, answering the queries sent from it
 """
 
 from __future__ import annotations
@@ -81,6 +82,10 @@ class DnsConfig:
     :param workers: processes sharing ``listen`` through ``SO_REUSEPORT``, each with its own
         cache; only the standalone runner forks them.  With 1, a second server on the same
         address fails to start instead of silently sharing it.
+    :param pin_workers: with several workers, pin each of the first ones to one CPU and steer
+        the queries sent from that CPU to it (``SO_INCOMING_CPU``, Linux 6.2+): a lookup is
+        answered without waking another CPU.  One busy client thread then gets one worker's
+        capacity; set false to spread its queries over every worker instead.
     """
 
     listen: Endpoint = dataclasses.field(
@@ -102,6 +107,7 @@ class DnsConfig:
     tcp_idle_timeout: float = 10.0
     max_tcp_clients: int = 128
     workers: int = 1
+    pin_workers: bool = True
 
 
 def _key(name: str) -> str:
@@ -231,6 +237,7 @@ _KNOWN = frozenset(
         "tcp_idle_timeout",
         "max_tcp_clients",
         "workers",
+        "pin_workers",
     }
 )
 
@@ -326,8 +333,9 @@ def parse_config(table: Mapping[str, object]) -> DnsConfig:
         seconds = _float(table, name, flow, fhigh)
         if seconds is not None:
             kwargs[name] = seconds
-    if "log_queries" in table:
-        kwargs["log_queries"] = _get(table, "log_queries", bool, "true or false")
+    for flag in ("log_queries", "pin_workers"):
+        if flag in table:
+            kwargs[flag] = _get(table, flag, bool, "true or false")
 
     config = DnsConfig(**kwargs)  # type: ignore[arg-type]
     if config.min_ttl > config.max_ttl:

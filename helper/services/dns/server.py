@@ -105,10 +105,13 @@ class DnsService:
             raise ListenError(_bind_message(config, exc)) from exc
         return sock
 
-    async def _open(self, udp_thread: bool) -> None:
+    async def _open(self, udp_thread: bool, cpu: int | None) -> None:
         loop = asyncio.get_running_loop()
         udp_sock = self._socket(socket.SOCK_DGRAM, self.config.listen.port)
         _grow_receive_buffer(udp_sock)
+        if cpu is not None:
+            # Linux 6.2+: among SO_REUSEPORT sockets, a datagram sent from this CPU comes here.
+            udp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_INCOMING_CPU, cpu)
         port = udp_sock.getsockname()[1]
         try:
             tcp_sock = self._socket(socket.SOCK_STREAM, port)
@@ -224,15 +227,19 @@ def _bind_message(config: DnsConfig, exc: OSError) -> str:
     return f"{where}: cannot bind ({exc.strerror})"
 
 
-async def start(config: DnsConfig, *, udp_thread: bool = False) -> DnsService:
+async def start(
+    config: DnsConfig, *, udp_thread: bool = False, cpu: int | None = None
+) -> DnsService:
     """Bind UDP and TCP on ``config.listen`` in the running loop and start answering.
 
     :param udp_thread: read UDP in a thread of its own (:class:`~.udp.ThreadListener`); only
         for a process that does not drop capabilities later, since the thread would keep them.
+    :param cpu: the CPU this worker is pinned to: queries sent from it are steered here
+        (``SO_INCOMING_CPU``), so that they are answered without waking another CPU.
     :raises ListenError: the address cannot be bound; the message says what to change.
     """
     service = DnsService(config)
-    await service._open(udp_thread)
+    await service._open(udp_thread, cpu)
     host, port = service.address
     log.info(
         "dns stub ready on %s port %d (udp+tcp), upstreams %s, hosts %s",
