@@ -514,13 +514,18 @@ def _pids_logging(stub, text):
     }
 
 
+def _ready_workers(stub, count):
+    """The pids of the stub's *count* workers, once each has logged that it is ready."""
+    deadline = time.monotonic() + 10
+    while len(_pids_logging(stub, "dns stub ready on")) < count:
+        assert time.monotonic() < deadline, stub.log.read_text()
+        time.sleep(0.05)
+    return _pids_logging(stub, "dns stub ready on")
+
+
 def test_workers_all_get_sigusr1_and_sighup(tmp_path, upstream):
     with run_stub(tmp_path, [upstream.address], workers=2) as stub:
-        deadline = time.monotonic() + 10
-        while len(_pids_logging(stub, "dns stub ready on")) < 2:
-            assert time.monotonic() < deadline, stub.log.read_text()
-            time.sleep(0.05)
-        workers = _pids_logging(stub, "dns stub ready on")
+        workers = _ready_workers(stub, 2)
         for signum, text in ((signal.SIGUSR1, "dns stats:"), (signal.SIGHUP, "dns cache flushed")):
             os.kill(stub.proc.pid, signum)
             deadline = time.monotonic() + 10
@@ -571,11 +576,7 @@ def test_pinned_workers_answer_the_queries_sent_from_their_cpu(tmp_path, upstrea
     cpus = sorted(os.sched_getaffinity(0))[:2]
     assert len(cpus) == 2, "this test needs two CPUs"
     with run_stub(tmp_path, [upstream.address], workers=2) as stub:
-        deadline = time.monotonic() + 10
-        while len(_pids_logging(stub, "dns stub ready on")) < 2:
-            assert time.monotonic() < deadline, stub.log.read_text()
-            time.sleep(0.05)
-        workers = _pids_logging(stub, "dns stub ready on")
+        workers = _ready_workers(stub, 2)
         pinned = {_cpus_allowed(pid): pid for pid in workers}
         assert sorted(pinned) == [str(cpu) for cpu in cpus]  # one CPU each
         _ask_from_cpu(stub, cpus[0], 30)
@@ -589,11 +590,7 @@ def test_pinned_workers_answer_the_queries_sent_from_their_cpu(tmp_path, upstrea
 
 def test_unpinned_workers_float_and_share_the_queries(tmp_path, upstream):
     with run_stub(tmp_path, [upstream.address], workers=2, pin_workers=False) as stub:
-        deadline = time.monotonic() + 10
-        while len(_pids_logging(stub, "dns stub ready on")) < 2:
-            assert time.monotonic() < deadline, stub.log.read_text()
-            time.sleep(0.05)
-        workers = _pids_logging(stub, "dns stub ready on")
+        workers = _ready_workers(stub, 2)
         everywhere = _cpus_allowed(stub.proc.pid)
         assert {_cpus_allowed(pid) for pid in workers} == {everywhere}
         _ask_from_cpu(stub, sorted(os.sched_getaffinity(0))[0], 60)
