@@ -10,18 +10,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.server
-import re
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import dns.message
 import dns.query
-from helper_daemon import stop
+from helper_daemon import stop, wait_for_log
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "dns_upstream.py"
@@ -42,24 +40,6 @@ def free_port(host: str) -> int:
                     continue
                 return int(port)
     raise RuntimeError(f"no free UDP+TCP port on {host}")
-
-
-def _wait_for(path: Path, pattern: str, proc: subprocess.Popen[bytes], what: str) -> str:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        match = re.search(pattern, text)
-        if match:
-            return match.group(0)
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{what} exited with {proc.returncode} before it was ready; its log {path}:\n{text}"
-            )
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"{what} not ready within {READY_TIMEOUT}s (no {pattern!r} in {path}); "
-        f"check the log:\n{path.read_text(errors='replace') if path.exists() else ''}"
-    )
 
 
 @dataclasses.dataclass
@@ -110,7 +90,7 @@ def run_upstream(
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for(out, r"ready", proc, f"test upstream on {host}:{port}")
+        wait_for_log(out, r"ready", proc, f"test upstream on {host}:{port}", READY_TIMEOUT)
         yield Upstream(host, port, proc, query_log)
     finally:
         stop(proc)
@@ -248,7 +228,7 @@ def run_stub(
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for(log, r"dns stub ready on", proc, f"DNS stub on {listen}")
+        wait_for_log(log, r"dns stub ready on", proc, f"DNS stub on {listen}", READY_TIMEOUT)
         yield Stub(host, port, proc, log)
     finally:
         stop(proc)

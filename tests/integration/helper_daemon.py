@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -149,6 +150,28 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=20)
+
+
+def wait_for_log(
+    path: Path, pattern: str, proc: subprocess.Popen[bytes], what: str, timeout: float
+) -> str:
+    """Wait until ``pattern`` appears in the log at ``path``; fail with the log if not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        match = re.search(pattern, text)
+        if match:
+            return match.group(0)
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode} before it was ready; its log {path}:\n{text}"
+            )
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{what} not ready within {timeout}s (no {pattern!r} in {path}); the machine may "
+        f"be overloaded, or the log says why:\n"
+        f"{path.read_text(errors='replace') if path.exists() else ''}"
+    )
 
 
 def processes_with(marker: str) -> list[int]:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -28,7 +27,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from helper_daemon import stop
+from helper_daemon import stop, wait_for_log
 
 HERE = Path(__file__).resolve()
 READY_TIMEOUT = 30.0
@@ -40,26 +39,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def wait_for_log(path: Path, pattern: str, proc: subprocess.Popen[bytes], what: str) -> str:
-    """Wait until ``pattern`` appears in the log at ``path``; fail with the log if not."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while time.monotonic() < deadline:
-        text = path.read_text(errors="replace") if path.exists() else ""
-        match = re.search(pattern, text)
-        if match:
-            return match.group(0)
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{what} exited with {proc.returncode} before it was ready; its log {path}:\n{text}"
-            )
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"{what} not ready within {READY_TIMEOUT}s (no {pattern!r} in {path}); the machine may "
-        f"be overloaded, or the log says why:\n"
-        f"{path.read_text(errors='replace') if path.exists() else ''}"
-    )
 
 
 def wait_until(predicate, what: str, timeout: float = 60.0):
@@ -169,7 +148,9 @@ def run_sink(
     with open(log, "ab") as sink_log:
         proc = subprocess.Popen(argv, stdout=sink_log, stderr=subprocess.STDOUT)
     try:
-        wait_for_log(log, rf"sink ready on 127.0.0.1:{port}\b", proc, f"SMTP sink on {port}")
+        wait_for_log(
+            log, rf"sink ready on 127.0.0.1:{port}\b", proc, f"SMTP sink on {port}", READY_TIMEOUT
+        )
         yield Sink("127.0.0.1", port, directory, proc)
     finally:
         stop(proc)
@@ -260,6 +241,7 @@ def start_service(
         r"(?s)" + r"mail service ready on.*" * (before + 1),
         proc,
         f"mail service on 127.0.0.1:{port}",
+        READY_TIMEOUT,
     )
     return MailService("127.0.0.1", port, spool, config, log, proc)
 
