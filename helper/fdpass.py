@@ -9,7 +9,7 @@ from __future__ import annotations
 import array
 import socket
 
-__all__ = ["ancillary_space", "fds_from_ancdata", "scm_rights"]
+__all__ = ["ancillary_space", "fds_from_ancdata", "recv_into", "scm_rights"]
 
 _INT = array.array("i").itemsize
 
@@ -35,3 +35,15 @@ def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             items.frombytes(data[: len(data) - len(data) % _INT])
             fds.extend(items)
     return fds
+
+
+def recv_into(
+    sock: socket.socket, buffer: bytearray, fd_space: int, flags: int = 0
+) -> tuple[bytes, list[int], int]:
+    """One ``recvmsg`` into the caller's reusable *buffer*: ``(data, fds, msg_flags)``.
+
+    Unlike ``recvmsg(size)``, it allocates only the bytes received, not *size* of them each call
+    (a large buffer costs an mmap, page faults and an munmap per message).
+    """
+    count, ancdata, msg_flags, _ = sock.recvmsg_into([buffer], fd_space, flags)
+    return bytes(memoryview(buffer)[:count]), fds_from_ancdata(ancdata), msg_flags

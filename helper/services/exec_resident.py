@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from ..errors import RemoteProtocolError
-from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
+from ..fdpass import ancillary_space, recv_into, scm_rights
 from ..protocol import (
     CLOSED,
     NEED_DATA,
@@ -263,6 +263,7 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
     poller = select.poll()
     for fd in (channel, alive, wake_r):
         poller.register(fd, select.POLLIN)
+    buffer = bytearray(_MAX_JOB)
     jobs = 0
     while True:
         ready = dict(poller.poll())
@@ -270,12 +271,11 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
             os.read(wake_r, 64)  # a signal while idle: there is no tree to kill
         if channel in ready:
             try:
-                data, ancdata, flags, _ = sock.recvmsg(
-                    _MAX_JOB, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                data, fds, flags = recv_into(
+                    sock, buffer, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 continue
-            fds = fds_from_ancdata(ancdata)
             if not data:
                 return  # the daemon closed the channel
             if len(fds) not in (_STD_FDS, _STD_FDS + 1) or flags & (
