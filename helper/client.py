@@ -135,8 +135,7 @@ def _is_unix(address: str) -> bool:
     return address.startswith("/") or ":" not in address
 
 
-def _connect() -> tuple[socket.socket, str | None]:
-    address, token = helper_address()
+def _connect(address: str) -> socket.socket:
     if _is_unix(address):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         target: str | tuple[str, int] = address
@@ -154,7 +153,7 @@ def _connect() -> tuple[socket.socket, str | None]:
             f"cannot reach chroot-helper at {address!r}: {exc.strerror or exc}; "
             f"is it running? {hint}"
         ) from None
-    return sock, token
+    return sock
 
 
 def _fileno(value: int | IO[bytes] | IO[str]) -> int:
@@ -184,8 +183,7 @@ class _Session:
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
         self.argv = [os.fsdecode(a) for a in argv]
-        self.sock, token = _connect()
-        self.is_unix = self.sock.family == socket.AF_UNIX
+        address, token = helper_address()
         self.conn = Connection(Role.CLIENT)
         self.fds = fds
         params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
@@ -194,7 +192,11 @@ class _Session:
         if not started:
             params["started"] = False  # run() only waits: no STARTED frame to read
         request = Request(op="exec", params=params, fds=len(fds), token=token)
+        # The frame is ready before the connection exists: it follows the connect at once, and
+        # the helper, woken by the connect, finds it there instead of waiting for it.
         frame = self.conn.send(request)
+        self.sock = _connect(address)
+        self.is_unix = self.sock.family == socket.AF_UNIX
         try:
             if fds:
                 if not self.is_unix:
@@ -283,10 +285,11 @@ def call(op: str, **params: object) -> Mapping[str, object]:
     :raises HelperUnavailable: the helper cannot be reached or hung up.
     :raises RequestError: the helper refused the request (unknown op, peer not allowed, ...).
     """
-    sock, token = _connect()
+    address, token = helper_address()
     conn = Connection(Role.CLIENT)
-    with sock:
-        sock.sendall(conn.send(Request(op=op, params=params, token=token)))
+    frame = conn.send(Request(op=op, params=params, token=token))
+    with _connect(address) as sock:
+        sock.sendall(frame)
         while True:
             event = conn.next_event()
             if isinstance(event, Response):
