@@ -47,7 +47,7 @@ import socket
 import stat
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -62,7 +62,7 @@ from .errors import (
     RequestError,
     error_code,
 )
-from .fdpass import ancillary_space, fds_from_ancdata
+from .fdpass import ancillary_space, recv_into
 from .privileges import drop_capabilities
 from .protocol import (
     CLOSED,
@@ -89,7 +89,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _PEERCRED: Final = struct.Struct("3i")
-_RECV_SIZE: Final = 256 * 1024
+#: Where every connection's reads land before they are copied out (one loop, one read at a time).
+_RECV_BUFFER: Final = bytearray(256 * 1024)
 _SNDBUF: Final = 2 << 20
 _FD_SPACE: Final = ancillary_space(MAX_FDS)
 #: Connections accepted in one go when the listener turns readable.
@@ -156,11 +157,31 @@ class Channel:
         self.peer = peer
         self._fds = fds
         self._release = release
+        #: The handler called :meth:`keep`: the request outlives it.
+        self.kept = False
 
     def release(self) -> None:
         """Stop counting this request against the concurrency limits now, before the handler
         returns (its work is over; see :meth:`Service.settle`)."""
         self._release()
+
+    def keep(self) -> None:
+        """Keep the connection open and the request counted after the handler returns, until
+        :meth:`close` (the handler's work goes on elsewhere, e.g. in a process it handed the
+        connection to)."""
+        self.kept = True
+
+    def close(self) -> None:
+        """End a kept request: release it and close the connection."""
+        self._release()
+        _close_fds(self.take_fds())
+        self._conn.sock.close()
+
+    def send_now(self, event: Event) -> None:
+        """Send a small final *event* without waiting; a client that does not take it at once
+        loses it (for a kept request, whose handler has returned)."""
+        with contextlib.suppress(OSError):
+            self._conn.sock.send(self._conn.proto.send(event))
 
     def handoff_fd(self) -> int | None:
         """The connection's socket, for a handler that hands the rest of the exchange to another
@@ -291,17 +312,16 @@ class _ServerConnection:
     async def _read_more(self) -> None:
         while True:
             try:
-                data, ancdata, flags, _ = self.sock.recvmsg(
-                    _RECV_SIZE, _FD_SPACE, socket.MSG_CMSG_CLOEXEC
+                data, fds, flags = recv_into(
+                    self.sock, _RECV_BUFFER, _FD_SPACE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 await wait_fd(self.sock.fileno())
                 continue
             except ConnectionResetError:
-                data, ancdata, flags = b"", [], 0
+                data, fds, flags = b"", [], 0
             break
-        if ancdata:
-            fds = fds_from_ancdata(ancdata)
+        if fds:
             if (
                 not self.accept_fds
                 or flags & socket.MSG_CTRUNC
@@ -515,8 +535,12 @@ class HelperServer:
         if not request.token or not hmac.compare_digest(request.token.encode(), expected.encode()):
             raise PeerRefusedError("wrong or missing token on the TCP listener")
 
-    @contextlib.contextmanager
-    def _slot(self, peer: Peer) -> Iterator[Callable[[], None]]:
+    def _take_slot(self, peer: Peer) -> Callable[[], None]:
+        """Count a request of *peer* against the concurrency limits; return what releases it
+        (once, however often it is called).
+
+        :raises BusyError: a limit is reached, even after the services settled.
+        """
         running = self._running
         keys = (peer.key, peer.owner)
         if self._busy(peer):
@@ -539,10 +563,7 @@ class HelperServer:
                     if not running[key]:
                         del running[key]
 
-        try:
-            yield release
-        finally:
-            release()
+        return release
 
     def _busy(self, peer: Peer) -> str:
         """Why a new request of *peer* must wait (which limit it meets), or ``""``."""
@@ -598,6 +619,7 @@ class HelperServer:
     async def _serve_connection(self, sock: socket.socket, address: object) -> None:
         conn: _ServerConnection | None = None
         peer: Peer | None = None
+        channel: Channel | None = None
         self._connections += 1
         counted = True
 
@@ -633,12 +655,14 @@ class HelperServer:
                     f"{', '.join(sorted(self.handlers))}"
                 )
             log.debug("%s: request %s", peer, event.op)
-            with self._slot(peer) as release:
-                fds, conn.fds = conn.fds, []
-                channel = Channel(conn, peer, fds, release)
-                try:
-                    await handler(event, channel)
-                finally:
+            release = self._take_slot(peer)
+            fds, conn.fds = conn.fds, []
+            channel = Channel(conn, peer, fds, release)
+            try:
+                await handler(event, channel)
+            finally:
+                if not channel.kept:
+                    release()
                     _close_fds(channel.take_fds())
         except HelperError as exc:
             level = (
@@ -659,7 +683,8 @@ class HelperServer:
             release_connection()
             if conn is not None:
                 _close_fds(conn.fds)
-            sock.close()
+            if channel is None or not channel.kept:
+                sock.close()
 
     @staticmethod
     async def _send_error(conn: _ServerConnection | None, code: str, message: str) -> None:

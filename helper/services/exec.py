@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from ..config import CommandConfig
-from ..errors import CommandError, RemoteProtocolError
+from ..errors import CommandError, RemoteProtocolError, error_code
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
-from ..protocol import MAX_DATA_PAYLOAD, Data, Exit, Request, Signal, Started
+from ..protocol import MAX_DATA_PAYLOAD, Data, Error, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
 from .exec_forker import Forker
 from .exec_resident import RETIRING, TIMED_OUT, ResidentPool, identity_of
@@ -107,8 +107,8 @@ class ExecService(Service):
         self._forker_pids: list[int] = []
         #: /dev/null for reading and for writing, shared by every command with a "null" stream.
         self.null_fds: tuple[int, int] = (-1, -1)
-        #: Commands whose resident talks to the client, and where their outcome arrives.
-        self.handoffs: dict[Channel, _StatusReader] = {}
+        #: Commands whose resident talks to the client, by the descriptor their outcome comes on.
+        self.handoffs: dict[int, _Handoff] = {}
         self._rlimits = {name: _rlimits(cmd) for name, cmd in self.commands.items()}
         self._identities = {
             name: identity_of(
@@ -181,13 +181,15 @@ class ExecService(Service):
         _close(sup.control_fd)
 
     def settle(self) -> None:
-        """Release the requests whose resident has already reported the outcome."""
-        for channel, status in list(self.handoffs.items()):
-            if status.settle():
-                channel.release()
+        """End the requests whose resident has already reported the outcome."""
+        for handoff in list(self.handoffs.values()):
+            handoff.settle()
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first), stop the forker."""
+        for handoff in self.handoffs.values():
+            handoff.abandon()
+        self.handoffs.clear()
         for sup in list(self._running):
             self.release(sup, reusable=False)
         self._running.clear()
@@ -374,16 +376,22 @@ class _Run:
             raise
         return child, stdin_w, readers
 
+    def _track(self) -> None:
+        assert self.sup is not None
+        self.running.add(self.sup)
+        log.debug("%s: exec %s", self.channel.peer, self.call.command.name)
+        self.channel.keep()
+        self.service.handoffs[self.sup.status_fd] = _Handoff(self)
+
     async def run(self) -> None:
         cmd = self.call.command
-        argv = (*cmd.argv, *self.call.args)
         child_fds: list[int] = []
         stdin_w: int | None = None
         readers: dict[int, int] = {}
         try:
             child_fds, stdin_w, readers = self._pipes()
             spec = SpawnSpec(
-                argv=argv,
+                argv=(*cmd.argv, *self.call.args),
                 env=dict(cmd.env),
                 cwd=cmd.cwd,
                 uid=cmd.uid,
@@ -410,21 +418,19 @@ class _Run:
         finally:
             _close_all(sorted((set(child_fds) - set(self.service.null_fds)) | set(self.passed)))
         sup = self.sup
+        if sup.handed_off:
+            self._track()
+            return
         self.running.add(sup)
         log.debug("%s: exec %s", self.channel.peer, cmd.name)
         status = _StatusReader(sup.status_fd, messages=sup.resident is not None)
         tasks: list[asyncio.Task[None]] = []
-        if sup.handed_off:  # its outcome may be read early, to release the slot (settle)
-            self.service.handoffs[self.channel] = status
         try:
-            started = await status.read_start(handed_off=sup.handed_off)
+            started = await status.read_start()
             if started is not None:
                 _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
                 readers, stdin_w = {}, None
                 raise CommandError(f"[exec.{cmd.name}] could not start: {started}")
-            if sup.handed_off:
-                await self._await_outcome(status)
-                return
             if self.call.started:
                 await self.channel.send(Started())
             pumps = [
@@ -474,22 +480,11 @@ class _Run:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
-            self.service.handoffs.pop(self.channel, None)
             if sup in self.running:  # not yet released by ExecService.stop
                 self.running.discard(sup)
                 self.service.release(sup, reusable=status.reusable)  # kills a running tree
             if sup.pid is not None:
                 await _reap(sup.pid)
-
-    async def _await_outcome(self, status: _StatusReader) -> None:
-        """The resident talks to the client: wait for the outcome it reports first."""
-        returncode = await status.read_exit()
-        name = self.call.command.name
-        if status.timed_out:
-            log.warning("%s: %s timed out after %s s", self.channel.peer, name, self.call.timeout)
-        if not status.exited:  # the resident died before its report, so before any EXIT frame
-            await self.channel.send(Exit(returncode=returncode))
-        log.info("%s: %s exited %d", self.channel.peer, name, returncode)
 
     def kill(self) -> None:
         """Ask the supervisor to SIGKILL the whole tree now."""
@@ -595,9 +590,8 @@ class _StatusReader:
         self.buffer = b""
         self.eof = False
         self._waiter: asyncio.Future[None] | None = None
-        #: The exit status arrived; the supervisor killed the command at its timeout; it can
-        #: serve another command.
-        self.exited = self.timed_out = self.reusable = False
+        #: The exit status arrived from a resident that can serve another command.
+        self.reusable = False
 
     def _read_some(self) -> bool:
         try:
@@ -621,19 +615,9 @@ class _StatusReader:
                 loop.remove_reader(self.fd)
                 self._waiter = None
 
-    def settle(self) -> bool:
-        """Read what has already arrived, without waiting; True once the exit status is in."""
-        if self._waiter is not None and self._read_some():
-            _wake(self._waiter)
-        return self.buffer[:1] == STATUS_EXIT and len(self.buffer) >= 1 + _CODE.size
-
-    async def read_start(self, *, handed_off: bool = False) -> str | None:
-        """None once the command started, else the reason it could not.  (A resident that talks
-        to the client itself sends no start message: its exit status counts as the start, and
-        its death as a kill, as for any supervisor that dies while its command runs.)"""
+    async def read_start(self) -> str | None:
+        """None once the command started, else the reason it could not."""
         await self._fill(1)
-        if self.buffer[:1] == STATUS_EXIT or (handed_off and not self.buffer):
-            return None
         tag, self.buffer = self.buffer[:1], self.buffer[1:]
         if tag == b"S":
             return None
@@ -645,11 +629,64 @@ class _StatusReader:
         await self._fill(1 + _CODE.size)
         if self.buffer[:1] != STATUS_EXIT or len(self.buffer) < 1 + _CODE.size:
             return -signal.SIGKILL  # the supervisor itself was killed
-        tail = self.buffer[1 + _CODE.size :]
-        self.exited = True
-        self.timed_out = TIMED_OUT in tail
-        self.reusable = self.messages and RETIRING not in tail
+        self.reusable = self.messages and RETIRING not in self.buffer[1 + _CODE.size :]
         return int(_CODE.unpack_from(self.buffer, 1)[0])
+
+
+class _Handoff:
+    """A command whose resident talks to the client itself (see
+    :meth:`~chroot_helper.services.exec_resident.ResidentPool.start`).
+
+    The daemon keeps the request counted and its end of the connection open, and reads the one
+    message the resident reports when a loop callback finds it (no task): ``X`` (the exit status,
+    sent just before the client's EXIT), ``E`` (the command could not start: the daemon answers
+    the client) or the end of the channel (the resident died: the client gets EXIT -9).
+    """
+
+    def __init__(self, run: _Run) -> None:
+        assert run.sup is not None
+        self.run = run
+        self.sup = run.sup
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self.sup.status_fd, self.settle)
+
+    def settle(self) -> None:
+        """End the request if the resident has reported."""
+        try:
+            report = os.read(self.sup.status_fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            report = b""
+        self._loop.remove_reader(self.sup.status_fd)
+        run, channel, name = self.run, self.run.channel, self.run.call.command.name
+        reusable = False
+        if report[:1] == STATUS_ERROR:
+            error = CommandError(
+                f"[exec.{name}] could not start: {report[1:].decode(errors='replace')}"
+            )
+            log.warning("%s: %s", channel.peer, error)
+            channel.send_now(Error(code=error_code(error), message=str(error)))
+        else:
+            exited = report[:1] == STATUS_EXIT and len(report) >= 1 + _CODE.size
+            returncode = _CODE.unpack_from(report, 1)[0] if exited else -signal.SIGKILL
+            tail = report[1 + _CODE.size :]
+            if TIMED_OUT in tail:
+                log.warning("%s: %s timed out after %s s", channel.peer, name, run.call.timeout)
+            if not exited:  # the resident died before its report, so before any EXIT frame
+                channel.send_now(Exit(returncode=returncode))
+            log.info("%s: %s exited %d", channel.peer, name, returncode)
+            reusable = exited and RETIRING not in tail
+        run.service.handoffs.pop(self.sup.status_fd, None)
+        if self.sup in run.running:  # not yet released by ExecService.stop
+            run.running.discard(self.sup)
+            run.service.release(self.sup, reusable=reusable)
+        channel.close()
+
+    def abandon(self) -> None:
+        """The daemon stops: close the client's connection without an answer."""
+        self._loop.remove_reader(self.sup.status_fd)
+        self.run.channel.close()
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
