@@ -131,23 +131,35 @@ class Snapshot:
         if cache_dir is None or not _trusted(cache_dir, directory=True):
             return cls._from_bytes(_pack(_walk(entries)), origin="memory")
         cache_file = os.path.join(cache_dir, f"snapshot-{_key(entries)}.bin")
+        snapshot = cls._from_cache(cache_file)  # no lock: cache files are replaced atomically
+        if snapshot is not None:
+            return snapshot
         with _exclusive(cache_dir):  # workers starting together build it once
-            cached = _map_trusted(cache_file)
-            if cached is not None:
-                try:
-                    snapshot = cls._from_bytes(cached, origin="cached")
-                except (ValueError, EOFError, TypeError, KeyError, struct.error) as exc:
-                    log.warning("ignoring damaged snapshot cache %s: %r", cache_file, exc)
-                else:
-                    if snapshot._manifest_holds():
-                        return snapshot
-                cached.close()
+            snapshot = cls._from_cache(cache_file)
+            if snapshot is not None:
+                return snapshot
             data = _pack(_walk(entries))
             if _write(cache_file, data):
                 mapped = _map_trusted(cache_file)
                 if mapped is not None:
                     return cls._from_bytes(mapped, origin="built")
             return cls._from_bytes(data, origin="memory")
+
+    @classmethod
+    def _from_cache(cls, cache_file: str) -> Snapshot | None:
+        """The snapshot in *cache_file* if it is trusted, whole and still current."""
+        cached = _map_trusted(cache_file)
+        if cached is None:
+            return None
+        try:
+            snapshot = cls._from_bytes(cached, origin="cached")
+        except (ValueError, EOFError, TypeError, KeyError, struct.error) as exc:
+            log.warning("ignoring damaged snapshot cache %s: %r", cache_file, exc)
+        else:
+            if snapshot._manifest_holds():
+                return snapshot
+        cached.close()
+        return None
 
     @classmethod
     def _from_bytes(cls, data: bytes | mmap.mmap, *, origin: str) -> Snapshot:
@@ -168,10 +180,23 @@ class Snapshot:
 
     def _manifest_holds(self) -> bool:
         """True when no walked directory and no kept file changed since the snapshot."""
-        directories, files = self.manifest
-        return all(_mtime(path) == mtime for path, mtime in directories.items()) and all(
-            _size_mtime(path) == stamp for path, stamp in files.items()
-        )
+        directories, files = self.manifest  # thousands of files: one stat each, inline
+        stat = os.stat
+        for path, mtime in directories.items():
+            try:
+                if stat(path).st_mtime_ns != mtime:
+                    return False
+            except OSError:
+                if mtime != -1:
+                    return False
+        try:
+            for path, (size, mtime) in files.items():
+                st = stat(path)
+                if st.st_mtime_ns != mtime or st.st_size != size:
+                    return False
+        except OSError:
+            return False
+        return True
 
     @property
     def compressed_bytes(self) -> int:
@@ -429,14 +454,6 @@ def _mtime(path: str) -> int:
         return os.stat(path).st_mtime_ns
     except OSError:
         return -1
-
-
-def _size_mtime(path: str) -> tuple[int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1)
-    return (st.st_size, st.st_mtime_ns)
 
 
 @contextlib.contextmanager
