@@ -95,7 +95,7 @@ class JailConfig:
         worker; ``"auto"`` is ``/var/cache/chrootwsgi`` when writable, else a private
         ``/tmp/chrootwsgi-UID``; ``""`` keeps a private copy in each worker's memory.
     :param seccomp: after entry, deny with EPERM the syscalls a web worker never needs
-        (mounts, namespaces, ptrace, bpf, io_uring, ...; see :mod:`chrootwsgi.seccomp`).
+        (mounts, namespaces, ptrace, bpf, io_uring, netlink, ...; see :mod:`chrootwsgi.seccomp`).
     :param exec_shim: route ``subprocess`` calls of the jailed app to chroot-helper's exec
         service (:mod:`chroot_helper.shim`): ``true`` for every command (the helper refuses what it
         does not allow), or a list of command names to route.

@@ -8,7 +8,7 @@ from test_enter_jail import run_python
 pytestmark = [pytest.mark.root]
 
 PROBES = """
-import ctypes, errno, threading
+import ctypes, errno, socket, threading
 libc = ctypes.CDLL(None, use_errno=True)
 
 def call(number, *args):
@@ -42,6 +42,15 @@ pid = os.fork()
 if pid == 0:
     os._exit(7)
 results["fork"] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+try:
+    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close()
+    results["netlink"] = "ok"
+except OSError as exc:
+    results["netlink"] = errno.errorcode[exc.errno]
+# mod_wsgi's per-request lookup: with netlink denied, glibc assumes IPv4 and IPv6
+results["addrconfig"] = sorted(
+    {info[4][0] for info in socket.getaddrinfo("127.0.0.1", 80, 0, 0, 0, socket.AI_ADDRCONFIG)}
+)
 """
 
 
@@ -65,6 +74,8 @@ def test_filter_denies_kernel_interfaces_with_eperm(jail_root):
     assert results["clone3"] == "ENOSYS"  # libc falls back to clone, whose flags are checked
     assert results["thread"] == "ran"
     assert results["fork"] == 7
+    assert results["netlink"] == "EAFNOSUPPORT"
+    assert results["addrconfig"] == ["127.0.0.1"]
 
 
 def test_without_the_filter_those_calls_reach_the_kernel(jail_root):
@@ -73,5 +84,7 @@ def test_without_the_filter_those_calls_reach_the_kernel(jail_root):
     assert results["io_uring_setup"] == "ok"
     assert results["keyctl"] != "EPERM"
     assert results["clone3"] != "ENOSYS"
+    assert results["netlink"] == "ok"
+    assert results["addrconfig"] == ["127.0.0.1"]
     assert results["thread"] == "ran"
     assert results["fork"] == 7

@@ -64,6 +64,12 @@ def test_clone3_answers_enosys_so_libc_falls_back_to_clone():
     assert run(435) == ERRNO | errno.ENOSYS
 
 
+def test_netlink_sockets_answer_eafnosupport_and_other_families_are_allowed():
+    assert run(41, arg0=16) == ERRNO | errno.EAFNOSUPPORT  # AF_NETLINK
+    for family in (1, 2, 10, 17):  # AF_UNIX, AF_INET, AF_INET6, AF_PACKET
+        assert run(41, arg0=family) == ALLOW
+
+
 def test_other_abis_are_denied():
     assert run(1, arch=I386) == ERRNO | errno.EPERM
     assert run(0x40000000 + 1) == ERRNO | errno.EPERM  # x32
