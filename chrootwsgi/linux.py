@@ -119,3 +119,10 @@ def capset_empty() -> None:
 def thread_count() -> int:
     """Kernel tasks in this process; mod_wsgi's request threads are not Python threads."""
     return len(os.listdir("/proc/self/task"))
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``), if libc has it."""
+    trim = getattr(_libc, "malloc_trim", None)
+    if trim is not None:
+        trim(ctypes.c_size_t(0))
