@@ -7,8 +7,11 @@ Prints ratios measured in one run (this machine is noisy; absolute numbers misle
 - entry time of a jailed worker (goal <= 50 ms);
 - extra RSS per daemon process, jailed - unjailed (goal <= 15 MB).
 
+Each round starts one Apache per variant, all at once, and gives them turns of a few seconds
+each (ABBA order), so that every variant meets the same machine conditions.
+
 Needs root (Apache starts as root, the daemon runs as www-data) and wrk.
-Usage: ``python bench/jail_overhead.py [--duration 20] [--rounds 2]``.
+Usage: ``python bench/jail_overhead.py [--duration 20] [--rounds 2] [--slices 4]``.
 """
 
 from __future__ import annotations
@@ -73,32 +76,77 @@ def daemon_rss_kib(apache: Apache) -> list[int]:
     return sizes
 
 
-def measure(jail: str | None, duration: int, *, seccomp: bool = True) -> dict[str, object]:
-    site = Site(
-        script=script(jail, seccomp=seccomp), processes=2, threads=15, python_path=(str(HERE),)
-    )
-    with Apache(site) as apache:
-        for path in PAGES.values():
-            wrk(apache.url(path), 2)  # warm up every daemon thread
-        results: dict[str, object] = {
-            name: wrk(apache.url(path), duration) for name, path in PAGES.items()
-        }
-        results["rss"] = statistics.mean(daemon_rss_kib(apache))
-        if jail is not None:
-            states: dict[int, dict[str, object]] = {}
-            for _ in range(100):  # one state per daemon process
-                state = apache.get("/state").json()
-                states[state["pid"]] = state
-                if len(states) == site.processes:
-                    break
-            results["states"] = list(states.values())
-    return results
+def start_servers(variants: dict[str, tuple[str | None, bool]]) -> dict[str, Apache]:
+    """One Apache per variant, all up at once, each warmed on every page."""
+    servers: dict[str, Apache] = {}
+    try:
+        for name, (root, seccomp) in variants.items():
+            site = Site(
+                script=script(root, seccomp=seccomp),
+                processes=2,
+                threads=15,
+                python_path=(str(HERE),),
+            )
+            apache = servers[name] = Apache(site).start()
+            # Warm up every daemon thread before the next server starts: a jailed worker's
+            # entry time is measured on a machine that is not busy starting other servers.
+            for path in PAGES.values():
+                wrk(apache.url(path), 2)
+    except BaseException:
+        for apache in servers.values():
+            apache.stop()
+        raise
+    return servers
+
+
+def jail_states(apache: Apache, processes: int = 2) -> list[dict[str, object]]:
+    """The jail state of each daemon process of *apache*."""
+    states: dict[int, dict[str, object]] = {}
+    for _ in range(100):
+        state = apache.get("/state").json()
+        states[state["pid"]] = state
+        if len(states) == processes:
+            break
+    return list(states.values())
+
+
+def run_round(
+    variants: dict[str, tuple[str | None, bool]], duration: int, slices: int
+) -> dict[str, dict[str, object]]:
+    """Start every variant's server, then measure them in turns of *duration* / *slices* seconds.
+
+    Taking turns every few seconds puts each variant under the same machine conditions, which
+    drift by several per cent from one minute to the next on a shared host.
+    """
+    servers = start_servers(variants)
+    try:
+        results: dict[str, dict[str, object]] = {name: {} for name in variants}
+        for page, path in PAGES.items():
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+            order = list(variants)
+            for _ in range(slices):
+                for name in order:
+                    runs[name].append(wrk(servers[name].url(path), max(1, duration // slices)))
+                order.reverse()  # ABBA: neither goes first more often
+            for name, measured in runs.items():
+                rps = statistics.mean(rps for rps, _ in measured)
+                p99 = statistics.median(p99 for _, p99 in measured)
+                results[name][page] = (rps, p99)
+        for name, apache in servers.items():
+            results[name]["rss"] = statistics.mean(daemon_rss_kib(apache))
+            if variants[name][0] is not None:
+                results[name]["states"] = jail_states(apache)
+        return results
+    finally:
+        for apache in servers.values():
+            apache.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=int, default=20, help="seconds per wrk run")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per variant")
+    parser.add_argument("--duration", type=int, default=20, help="seconds per page and round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds, each with fresh servers")
+    parser.add_argument("--slices", type=int, default=4, help="turns per page and round")
     parser.add_argument(
         "--filter-cost", action="store_true", help="also run jailed without the syscall filter"
     )
@@ -115,21 +163,28 @@ def main() -> None:
     runs: dict[str, list[dict[str, object]]] = {name: [] for name in variants}
     try:
         for round_number in range(args.rounds):
-            order = list(variants) if round_number % 2 == 0 else list(reversed(variants))
-            for name in order:  # alternate which goes first: the machine drifts
-                root, seccomp = variants[name]
-                runs[name].append(measure(root, args.duration, seccomp=seccomp))
+            names = list(variants) if round_number % 2 == 0 else list(reversed(variants))
+            measured = run_round({n: variants[n] for n in names}, args.duration, args.slices)
+            for name, result in measured.items():
+                runs[name].append(result)
     finally:
         jail.rmdir()
-    print(f"jail overhead, {args.rounds} x {args.duration} s per variant and page (wrk -t2 -c16)")
+    print(
+        f"jail overhead, {args.rounds} rounds x {args.duration} s per variant and page, "
+        f"in {args.slices} alternating turns (wrk -t2 -c16)"
+    )
     for name in PAGES:
         rps = {v: statistics.mean(r[name][0] for r in runs[v]) for v in runs}
         p99 = {v: statistics.mean(r[name][1] for r in runs[v]) for v in runs}
+        per_round = ", ".join(
+            f"{j[name][0] / u[name][0]:.3f}"
+            for j, u in zip(runs["jailed"], runs["unjailed"], strict=True)
+        )
         print(
             f"  {name:>5}: rps ratio {rps['jailed'] / rps['unjailed']:.3f} (goal >= 0.99; "
-            f"{rps['jailed']:.0f} vs {rps['unjailed']:.0f} req/s), p99 ratio "
-            f"{p99['jailed'] / p99['unjailed']:.3f} (goal <= 1.02; {p99['jailed']:.2f} vs "
-            f"{p99['unjailed']:.2f} ms)"
+            f"{rps['jailed']:.0f} vs {rps['unjailed']:.0f} req/s; per round {per_round}), "
+            f"p99 ratio {p99['jailed'] / p99['unjailed']:.3f} (goal <= 1.02; "
+            f"{p99['jailed']:.2f} vs {p99['unjailed']:.2f} ms)"
         )
         if args.filter_cost:
             print(
@@ -137,13 +192,17 @@ def main() -> None:
                 f"{rps['jailed'] / rps['no filter']:.3f} (goal: within noise)"
             )
     states = [state for r in runs["jailed"] for state in r["states"]]
-    for origin in ("cached", "built"):
+    origins = {
+        "cached": "snapshot mapped from the cache",
+        "built": "snapshot built",
+        "waited": "snapshot mapped once another worker had built it",
+    }
+    for origin, what in origins.items():
         entries = [s for s in states if s["snapshot"] == origin]
         if not entries:
             continue
         median = sorted(entries, key=lambda s: s["seconds"])[len(entries) // 2]
         steps = ", ".join(f"{k} {v * 1000:.1f}" for k, v in median["timings"].items())
-        what = "snapshot mapped from the cache" if origin == "cached" else "snapshot built"
         print(
             f"  entry time, {what}: median {median['seconds'] * 1000:.1f} ms of {len(entries)} "
             f"workers (goal <= 50 ms; steps in ms: {steps})"
