@@ -24,7 +24,11 @@ import statistics
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Collection
 from pathlib import Path
+
+import requests
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests" / "integration"))
@@ -99,24 +103,48 @@ def start_servers(variants: dict[str, tuple[str | None, bool]]) -> dict[str, Apa
     return servers
 
 
-def jail_states(apache: Apache, processes: int = 2) -> list[dict[str, object]]:
-    """The jail state of each daemon process of *apache*."""
+def jail_states(
+    apache: Apache, *, processes: int = 2, old: Collection[object] = ()
+) -> list[dict[str, object]]:
+    """The jail state of each daemon process of *apache* whose pid is not in *old*."""
     states: dict[int, dict[str, object]] = {}
-    for _ in range(100):
-        state = apache.get("/state").json()
-        states[state["pid"]] = state
-        if len(states) == processes:
-            break
+    deadline = time.monotonic() + 30
+    while len(states) < processes:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{processes - len(states)} daemon processes did not answer")
+        try:
+            response = apache.get("/state")
+        except requests.ConnectionError:
+            response = None
+        if response is None or response.status_code != 200:  # Apache is replacing its children
+            time.sleep(0.1)
+            continue
+        state = response.json()
+        if state["pid"] not in old:
+            states[state["pid"]] = state
     return list(states.values())
 
 
+def restarted_states(apache: Apache, restarts: int) -> list[dict[str, object]]:
+    """Jail states of the daemon processes now and after each of *restarts* graceful restarts."""
+    states = jail_states(apache)
+    collected = list(states)
+    for _ in range(restarts):
+        old = {state["pid"] for state in states}
+        apache.graceful()
+        states = jail_states(apache, old=old)
+        collected += states
+    return collected
+
+
 def run_round(
-    variants: dict[str, tuple[str | None, bool]], duration: int, slices: int
+    variants: dict[str, tuple[str | None, bool]], duration: int, slices: int, restarts: int
 ) -> dict[str, dict[str, object]]:
     """Start every variant's server, then measure them in turns of *duration* / *slices* seconds.
 
     Taking turns every few seconds puts each variant under the same machine conditions, which
-    drift by several per cent from one minute to the next on a shared host.
+    drift by several per cent from one minute to the next on a shared host. Then jailed servers
+    restart gracefully *restarts* times, for more samples of a worker's entry time.
     """
     servers = start_servers(variants)
     try:
@@ -135,7 +163,7 @@ def run_round(
         for name, apache in servers.items():
             results[name]["rss"] = statistics.mean(daemon_rss_kib(apache))
             if variants[name][0] is not None:
-                results[name]["states"] = jail_states(apache)
+                results[name]["states"] = restarted_states(apache, restarts)
         return results
     finally:
         for apache in servers.values():
@@ -147,6 +175,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=20, help="seconds per page and round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, each with fresh servers")
     parser.add_argument("--slices", type=int, default=4, help="turns per page and round")
+    parser.add_argument(
+        "--restarts", type=int, default=3, help="graceful restarts per round (entry times)"
+    )
     parser.add_argument(
         "--filter-cost", action="store_true", help="also run jailed without the syscall filter"
     )
@@ -164,7 +195,9 @@ def main() -> None:
     try:
         for round_number in range(args.rounds):
             names = list(variants) if round_number % 2 == 0 else list(reversed(variants))
-            measured = run_round({n: variants[n] for n in names}, args.duration, args.slices)
+            measured = run_round(
+                {n: variants[n] for n in names}, args.duration, args.slices, args.restarts
+            )
             for name, result in measured.items():
                 runs[name].append(result)
     finally:
