@@ -62,6 +62,11 @@ def _serve(config_path: str, log_level: str) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # The daemon logs a line per request. Its format uses none of the caller's file and line,
+    # thread, process or multiprocessing names: skip collecting them (a stack walk, a getpid
+    # system call and two lookups per record).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     if log_level.upper() != "DEBUG":
         # aiosmtpd logs every SMTP command, addresses included, at INFO: keep it for DEBUG.
         logging.getLogger("mail.log").setLevel(logging.WARNING)
