@@ -187,15 +187,10 @@ class Snapshot:
 
     def _manifest_holds(self) -> bool:
         """True when no walked directory and no kept file changed since the snapshot."""
-        directories, files = self.manifest  # thousands of files: one stat each, inline
-        stat = os.stat
-        for path, mtime in directories.items():
-            try:
-                if stat(path).st_mtime_ns != mtime:
-                    return False
-            except OSError:
-                if mtime != -1:
-                    return False
+        directories, files = self.manifest
+        if any(_mtime(path) != mtime for path, mtime in directories.items()):
+            return False
+        stat = os.stat  # thousands of files: one stat each, inline
         try:
             for path, (size, mtime) in files.items():
                 st = stat(path)
