@@ -28,6 +28,11 @@ Differences from :mod:`subprocess`: there is no shell, no ``env``/``cwd`` (the h
 them), ``pid`` is None, and when the helper kills a command for passing ``max_output``,
 :func:`run` raises :class:`OutputLimitExceeded`.  :class:`Popen` pipes are the caller's own pipes,
 passed to the command, so ``max_output`` does not apply to them (``max_file_size`` does for files).
+
+:func:`run` keeps the connection when the helper offers to (a command handed to a resident
+supervisor, on the Unix socket) and sends the process's next call over it, which spares the helper
+daemon that call; a process holds at most :data:`KEEP_IDLE` such idle connections, and a child
+process never uses its parent's.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ __all__ = [
     "run",
     "helper_address",
     "sendmail",
+    "KEEP_IDLE",
 ]
 
 PIPE: Final = subprocess.PIPE
@@ -86,6 +92,8 @@ DEFAULT_SOCKET: Final = "/run/chroot-helper.sock"
 _GRACE: Final = 5.0
 _CHUNK: Final = MAX_DATA_PAYLOAD - 1
 _RECV: Final = 1 << 20
+#: Idle connections a process keeps for its next :func:`run` calls.
+KEEP_IDLE: Final = 2
 
 Stream = int | IO[bytes] | IO[str] | None
 
@@ -156,6 +164,55 @@ def _connect(address: str) -> socket.socket:
     return sock
 
 
+class _Stale(Exception):
+    """A kept connection was closed before the helper read the request (send it again)."""
+
+
+class _Kept:
+    """This process's idle kept connections, newest last."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._idle: list[tuple[str, socket.socket, Connection]] = []
+
+    def take(self, address: str) -> tuple[socket.socket, Connection] | None:
+        """An open kept connection to *address*, if there is one."""
+        with self._lock:
+            if self._pid != os.getpid():  # a child: the connections are the parent's
+                self._idle, self._pid = [], os.getpid()
+            while self._idle:
+                kept_address, sock, conn = self._idle.pop()
+                if kept_address == address and _is_idle(sock):
+                    return sock, conn
+                sock.close()
+        return None
+
+    def put(self, address: str, sock: socket.socket, conn: Connection) -> None:
+        """Keep *conn* (its request is over, its EXIT kept it) for the next call."""
+        conn.start_next_cycle()
+        sock.settimeout(None)
+        with self._lock:
+            if self._pid == os.getpid() and len(self._idle) < KEEP_IDLE:
+                self._idle.append((address, sock, conn))
+                return
+        sock.close()
+
+
+def _is_idle(sock: socket.socket) -> bool:
+    """Open, with nothing unread: the helper has not closed it or sent anything since."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+_kept = _Kept()
+
+
 def _fileno(value: int | IO[bytes] | IO[str]) -> int:
     return value if isinstance(value, int) else value.fileno()
 
@@ -179,38 +236,65 @@ class _Session:
         timeout: float | None,
         *,
         started: bool = True,
+        reuse: bool = False,
     ):
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
         self.argv = [os.fsdecode(a) for a in argv]
         address, token = helper_address()
-        self.conn = Connection(Role.CLIENT)
+        self.address = address
         self.fds = fds
+        #: Bytes received so far (a kept connection that ends before any is :class:`_Stale`).
+        self.received = 0
         params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
         if timeout is not None:
             params["timeout"] = timeout
         if not started:
             params["started"] = False  # run() only waits: no STARTED frame to read
         request = Request(op="exec", params=params, fds=len(fds), token=token)
+        kept = _kept.take(address) if reuse else None
+        self.reused = kept is not None
+        if kept is not None:
+            self.sock, self.conn = kept
+            try:
+                self._send_request(self.conn.send(request))
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                self.sock.close()  # closed while idle: the helper never read it
+                self.reused = False
+            except BaseException:
+                self.sock.close()
+                raise
+        self.conn = Connection(Role.CLIENT)
         # The frame is ready before the connection exists: it follows the connect at once, and
         # the helper, woken by the connect, finds it there instead of waiting for it.
         frame = self.conn.send(request)
         self.sock = _connect(address)
-        self.is_unix = self.sock.family == socket.AF_UNIX
         try:
-            if fds:
-                if not self.is_unix:
-                    raise ValueError("file descriptors can be passed only over the Unix socket")
-                sent = self.sock.sendmsg([frame], scm_rights(fds))
-                if sent < len(frame):
-                    self.sock.sendall(frame[sent:])
-            else:
-                self.sock.sendall(frame)
+            self._send_request(frame)
         except BrokenPipeError:
             pass  # refused before reading: the error frame is waiting
         except BaseException:
             self.close()
             raise
+
+    def _send_request(self, frame: bytes) -> None:
+        fds = self.fds
+        if fds:
+            if self.sock.family != socket.AF_UNIX:
+                raise ValueError("file descriptors can be passed only over the Unix socket")
+            sent = self.sock.sendmsg([frame], scm_rights(fds))
+            if sent < len(frame):
+                self.sock.sendall(frame[sent:])
+        else:
+            self.sock.sendall(frame)
+
+    def finish(self) -> None:
+        """Keep the connection if the helper kept it, else close it."""
+        if self.conn.kept:
+            _kept.put(self.address, self.sock, self.conn)
+        else:
+            self.sock.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -246,7 +330,10 @@ class _Session:
         try:
             count = self.sock.recv_into(view)
         except ConnectionResetError:
+            if self.reused and not self.received:
+                raise _Stale from None  # closed with the request unread
             count = 0
+        self.received += count
         self.conn.receive_data(view[:count])
 
     def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
@@ -413,14 +500,21 @@ def run(
                 raise ValueError(f"{name}={value} is not a file descriptor or a known constant")
             modes[name] = "fd"
             fds.append(_fileno(value))
-    session = _Session(argv, modes, fds, timeout, started=False)
-    out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
-    try:
-        exit_event = _exchange(
-            session, input if modes["stdin"] == "pipe" else None, out, forward, timeout
-        )
-    finally:
-        session.close()
+    for reuse in (True, False):
+        session = _Session(argv, modes, fds, timeout, started=False, reuse=reuse)
+        out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
+        try:
+            exit_event = _exchange(
+                session, input if modes["stdin"] == "pipe" else None, out, forward, timeout
+            )
+        except _Stale:
+            session.close()
+            continue
+        except BaseException:
+            session.close()
+            raise
+        session.finish()
+        break
 
     def decode(stream: int) -> bytes | str | None:
         if modes[("stdin", "stdout", "stderr")[stream]] != "pipe" or stream in forward:

@@ -20,12 +20,12 @@ Every frame has an 8-byte header::
                                      only the stream byte = end of that stream
     3     SIGNAL    client -> server JSON {"signal": int}
     4     EXIT      server -> client JSON {"returncode": int, "timed_out": bool,
-                                     "output_limited": bool}
+                                     "output_limited": bool, "keep": bool (optional)}
     5     RESPONSE  server -> client JSON object (services other than exec)
     6     ERROR     both             JSON {"code": str, "message": str}
     7     STARTED   server -> client JSON {} (exec: the command is running)
 
-A connection carries exactly one request::
+A connection carries one request at a time::
 
     client                                   server
       REQUEST (+ fds in SCM_RIGHTS) ------->
@@ -33,6 +33,11 @@ A connection carries exactly one request::
       DATA stdin, SIGNAL ... -------------->
                           <---------------- DATA stdout/stderr ...
                           <---------------- EXIT | RESPONSE | ERROR   (then both sides close)
+
+unless the EXIT frame says ``"keep": true``: then the server waits for another REQUEST on the
+same connection (both sides call :meth:`Connection.start_next_cycle`), and may close it at any
+time it is idle without reading what arrived, so that the client sees a reset or a broken pipe,
+never a clean end, for a request that was not read (and may safely send it again elsewhere).
 
 File descriptors travel beside the REQUEST frame as ``SCM_RIGHTS`` ancillary data on the same
 ``sendmsg`` call (which therefore always carries at least one byte of payload: the frame itself);
@@ -205,11 +210,13 @@ class Exit:
     :param returncode: like :attr:`subprocess.Popen.returncode`: negative for a signal.
     :param timed_out: the helper killed it because its timeout passed.
     :param output_limited: the helper killed it because its output passed ``max_output``.
+    :param keep: the server keeps the connection open for another request.
     """
 
     returncode: int
     timed_out: bool = False
     output_limited: bool = False
+    keep: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,16 +322,14 @@ def encode_event(event: Event) -> bytes:
     elif isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
-        kind, payload = (
-            _EXIT,
-            _dump(
-                {
-                    "returncode": event.returncode,
-                    "timed_out": event.timed_out,
-                    "output_limited": event.output_limited,
-                }
-            ),
-        )
+        fields: dict[str, object] = {
+            "returncode": event.returncode,
+            "timed_out": event.timed_out,
+            "output_limited": event.output_limited,
+        }
+        if event.keep:
+            fields["keep"] = True
+        kind, payload = _EXIT, _dump(fields)
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
     elif isinstance(event, Started):
@@ -366,6 +371,7 @@ def decode_frame(kind: int, payload: bytes) -> Event:
                 returncode=_get_int(obj, "returncode", "EXIT"),
                 timed_out=_get_bool(obj, "timed_out", "EXIT"),
                 output_limited=_get_bool(obj, "output_limited", "EXIT"),
+                keep="keep" in obj and _get_bool(obj, "keep", "EXIT"),
             )
         if kind == _RESPONSE:
             return Response(result=_load_object(payload, "RESPONSE"))
@@ -398,6 +404,7 @@ class Connection:
         self._offset = 0
         self._eof = False
         self._their_ended: set[int] = set()
+        self._kept = False
 
     @property
     def buffered(self) -> int:
@@ -484,6 +491,27 @@ class Connection:
             self.our_state = self.their_state = State.RUNNING
         elif isinstance(event, _FINAL):
             self.our_state = self.their_state = State.DONE
+            self._kept = isinstance(event, Exit) and event.keep
+
+    @property
+    def kept(self) -> bool:
+        """The request is over and the server keeps the connection for another one."""
+        return self.our_state is State.DONE and self._kept
+
+    def start_next_cycle(self) -> None:
+        """Get ready for the next request on a kept connection.
+
+        :raises LocalProtocolError: the request is not over, or its EXIT did not keep the
+            connection.
+        """
+        if not self.kept:
+            raise LocalProtocolError(
+                f"no next request in state {self.our_state.value}: "
+                "only an EXIT frame with keep ends a request and keeps the connection"
+            )
+        self.our_state = self.their_state = State.IDLE
+        self._their_ended.clear()
+        self._kept = False
 
     def send(self, event: Event) -> bytes:
         """Return the bytes for *event*.

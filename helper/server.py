@@ -152,11 +152,13 @@ class Channel:
         peer: Peer,
         fds: list[int],
         release: Callable[[], None] = lambda: None,
+        resume: Callable[[bytes, list[int]], None] | None = None,
     ) -> None:
         self._conn = conn
         self.peer = peer
         self._fds = fds
         self._release = release
+        self._resume = resume
         #: The handler called :meth:`keep`: the request outlives it.
         self.kept = False
 
@@ -176,6 +178,16 @@ class Channel:
         self._release()
         _close_fds(self.take_fds())
         self._conn.sock.close()
+
+    def serve_again(self, data: bytes, fds: list[int]) -> None:
+        """End a kept request and serve the connection's next one, of which the process that had
+        the connection read *data* and *fds* (the server owns them now)."""
+        self._release()
+        if self._resume is None:
+            _close_fds(fds)
+            self._conn.sock.close()
+            return
+        self._resume(data, fds)
 
     def send_now(self, event: Event) -> None:
         """Send a small final *event* without waiting; a client that does not take it at once
@@ -238,6 +250,10 @@ class Service:
         """Without waiting, release (:meth:`Channel.release`) the requests whose work has already
         ended; the server calls this before it refuses a request as over a concurrency limit."""
 
+    async def release_idle(self) -> None:
+        """Give up the slots that idle kept connections hold (see :meth:`Channel.keep`); the
+        server awaits this when a request still meets a limit after :meth:`settle`."""
+
     def handlers(self) -> dict[str, Handler]:
         """Return ``{op: bound handle_<op> method}``."""
         found: dict[str, Handler] = {}
@@ -256,7 +272,7 @@ def load_services(config: HelperConfig) -> list[Service]:
     """
     from .services.exec import ExecService
 
-    services: list[Service] = [ExecService(config.commands)]
+    services: list[Service] = [ExecService(config.commands, idle_timeout=config.request_timeout)]
     for name, table in config.service_tables.items():
         try:
             module = importlib.import_module(f"{__package__}.services.{name}")
@@ -535,7 +551,7 @@ class HelperServer:
         if not request.token or not hmac.compare_digest(request.token.encode(), expected.encode()):
             raise PeerRefusedError("wrong or missing token on the TCP listener")
 
-    def _take_slot(self, peer: Peer) -> Callable[[], None]:
+    async def _take_slot(self, peer: Peer) -> Callable[[], None]:
         """Count a request of *peer* against the concurrency limits; return what releases it
         (once, however often it is called).
 
@@ -546,6 +562,9 @@ class HelperServer:
         if self._busy(peer):
             for service in self.services:
                 service.settle()
+            if self._busy(peer):
+                for service in self.services:
+                    await service.release_idle()
             reason = self._busy(peer)
             if reason:
                 raise BusyError(f"{reason}; retry later")
@@ -616,7 +635,13 @@ class HelperServer:
                 if not self._waiting[key]:
                     del self._waiting[key]
 
-    async def _serve_connection(self, sock: socket.socket, address: object) -> None:
+    async def _serve_connection(
+        self,
+        sock: socket.socket,
+        address: object,
+        initial: tuple[bytes, list[int]] | None = None,
+    ) -> None:
+        """Serve the connection's request; *initial* is what another process read of it."""
         conn: _ServerConnection | None = None
         peer: Peer | None = None
         channel: Channel | None = None
@@ -631,6 +656,9 @@ class HelperServer:
 
         try:
             conn = _ServerConnection(sock, accept_fds=sock.family == socket.AF_UNIX)
+            if initial is not None:
+                data, conn.fds = initial
+                conn.proto.receive_data(data)
             peer = self._peer_of(sock, address)
             if self._connections > self.config.max_connections:
                 raise BusyError(
@@ -655,9 +683,13 @@ class HelperServer:
                     f"{', '.join(sorted(self.handlers))}"
                 )
             log.debug("%s: request %s", peer, event.op)
-            release = self._take_slot(peer)
+            release = await self._take_slot(peer)
             fds, conn.fds = conn.fds, []
-            channel = Channel(conn, peer, fds, release)
+
+            def resume(data: bytes, fds: list[int]) -> None:
+                self._spawn(self._serve_connection(sock, address, initial=(data, fds)))
+
+            channel = Channel(conn, peer, fds, release, resume)
             try:
                 await handler(event, channel)
             finally:

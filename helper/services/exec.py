@@ -29,23 +29,33 @@ import contextlib
 import fcntl
 import logging
 import os
-import resource
 import signal
+import socket
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Final
 
 from ..config import CommandConfig
 from ..errors import CommandError, RemoteProtocolError, error_code
+from ..fdpass import ancillary_space, fds_from_ancdata
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
-from ..protocol import MAX_DATA_PAYLOAD, Data, Error, Exit, Request, Signal, Started
+from ..protocol import MAX_DATA_PAYLOAD, MAX_FDS, Data, Error, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
+from .exec_calls import Call, CommandTable
 from .exec_forker import Forker
-from .exec_resident import RETIRING, TIMED_OUT, ResidentPool, identity_of
+from .exec_resident import (
+    BUSY,
+    CLOSED_KEPT,
+    HANDED_BACK,
+    MAX_REPORT,
+    RETIRING,
+    TIMED_OUT,
+    ResidentPool,
+)
 from .exec_spawn import (
     FORWARDED_SIGNALS,
     KILL_TREE,
+    RELEASE,
     STATUS_ERROR,
     STATUS_EXIT,
     SpawnSpec,
@@ -57,30 +67,13 @@ __all__ = ["ExecService", "FORWARDED_SIGNALS"]
 
 log = logging.getLogger(__name__)
 
-_MODES: Final = {
-    "stdin": ("pipe", "fd", "null"),
-    "stdout": ("pipe", "fd", "null"),
-    "stderr": ("pipe", "fd", "null", "stdout"),
-}
 _CHUNK: Final = MAX_DATA_PAYLOAD - 1
 _F_SETPIPE_SZ: Final = 1031
 _PIPE_SIZE: Final = 1 << 20
 _CODE = struct.Struct("!i")
-
-
-@dataclass(frozen=True, kw_only=True)
-class _Call:
-    command: CommandConfig
-    args: tuple[str, ...]
-    modes: Mapping[str, str]
-    timeout: float
-    started: bool = True
-
-
-def _str_list(value: object, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CommandError(f"exec parameter {key!r} must be a list of strings")
-    return tuple(value)
+#: Seconds the daemon waits for residents to give back idle kept connections.
+_RELEASE_WAIT: Final = 1.0
+_REPORT_FDS: Final = ancillary_space(MAX_FDS)
 
 
 class ExecService(Service):
@@ -91,12 +84,12 @@ class ExecService(Service):
 
     name = "exec"
 
-    def __init__(self, commands: Mapping[str, CommandConfig]) -> None:
-        self.commands = dict(commands)
-        self._by_path: dict[str, list[str]] = {}
-        for cmd in commands.values():
-            for key in {cmd.argv[0], os.path.basename(cmd.argv[0])}:
-                self._by_path.setdefault(key, []).append(cmd.name)
+    def __init__(
+        self, commands: Mapping[str, CommandConfig], *, idle_timeout: float = 10.0
+    ) -> None:
+        self.table = CommandTable(commands)
+        self.idle_timeout = idle_timeout
+        self.commands = self.table.commands
         self._running: set[Supervisor] = set()
         caps = {CAP_SETUID, CAP_SETGID}
         if any(not cmd.network or cmd.pid_namespace for cmd in commands.values()):
@@ -109,13 +102,6 @@ class ExecService(Service):
         self.null_fds: tuple[int, int] = (-1, -1)
         #: Commands whose resident talks to the client, by the descriptor their outcome comes on.
         self.handoffs: dict[int, _Handoff] = {}
-        self._rlimits = {name: _rlimits(cmd) for name, cmd in self.commands.items()}
-        self._identities = {
-            name: identity_of(
-                uid=cmd.uid, gid=cmd.gid, groups=cmd.groups, rlimits=self._rlimits[name]
-            )
-            for name, cmd in self.commands.items()
-        }
 
     async def start(self) -> None:
         """Start the forker that forks supervisors off the loop (see
@@ -123,12 +109,14 @@ class ExecService(Service):
         if self.commands:
             self.null_fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
             one_shot = any(not _resident(cmd) for cmd in self.commands.values())
-            self._forker = Forker.start(self.capabilities, pool=one_shot)
+            self._forker = Forker.start(
+                self.capabilities, self.table, pool=one_shot, idle_timeout=self.idle_timeout
+            )
             self._forker_pids.append(self._forker.pid)
             self._pool = ResidentPool(self._forker)
             for name, cmd in self.commands.items():
                 if _resident(cmd):
-                    self._pool.prewarm(self._identities[name])
+                    self._pool.prewarm(self.table.identities[name])
 
     async def spawn(
         self,
@@ -138,6 +126,8 @@ class ExecService(Service):
         client: int | None = None,
         timeout: float = 0,
         started: bool = True,
+        keep: bool = False,
+        peer: str = "",
     ) -> Supervisor:
         """Start *spec* under a supervisor: a resident one, or a one-shot one from the forker's
         pool (for commands with namespaces of their own), else by forking here.
@@ -150,11 +140,13 @@ class ExecService(Service):
                 if spec.network and not spec.pid_namespace:
                     return await self._pool.start(
                         spec,
-                        self._identities[name],
+                        self.table.identities[name],
                         client=client,
                         name=name,
                         timeout=timeout,
                         started=started,
+                        keep=keep,
+                        peer=peer,
                     )
                 return self._forker.spawn(spec)
             except BlockingIOError:
@@ -169,7 +161,7 @@ class ExecService(Service):
 
     def rlimits(self, cmd: CommandConfig) -> list[tuple[int, int]]:
         """The ``(resource, limit)`` pairs *cmd* runs under."""
-        return self._rlimits[cmd.name]
+        return self.table.rlimits[cmd.name]
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is
@@ -184,6 +176,14 @@ class ExecService(Service):
         """End the requests whose resident has already reported the outcome."""
         for handoff in list(self.handoffs.values()):
             handoff.settle()
+
+    async def release_idle(self) -> None:
+        """Take back the kept connections that wait for a request, so that their slots go to
+        others: each resident closes its idle one, or ends it with the command it runs now."""
+        answers = [handoff.release() for handoff in list(self.handoffs.values()) if handoff.idle]
+
+        if answers:
+            await asyncio.wait(answers, timeout=_RELEASE_WAIT)
 
     async def stop(self) -> None:
         """Kill every tree still running (normally none: connections end first), stop the forker."""
@@ -204,90 +204,11 @@ class ExecService(Service):
             await _reap(pid)
         self._forker_pids.clear()
 
-    def resolve(self, name: str) -> CommandConfig:
-        """Find the command a caller means by *name*: table name, argv[0], or its basename."""
-        if name in self.commands:
-            return self.commands[name]
-        matches = self._by_path.get(name, [])
-        if len(matches) == 1:
-            return self.commands[matches[0]]
-        if matches:
-            raise CommandError(
-                f"{name!r} is configured as several commands ({', '.join(sorted(matches))}); "
-                "call one of them by name"
-            )
-        configured = ", ".join(sorted(self.commands)) or "none"
-        raise CommandError(
-            f"command {name!r} is not allowed: no [exec.{os.path.basename(name) or name}] table "
-            f"in the helper's config (configured: {configured})"
-        )
-
-    def _parse(self, request: Request) -> _Call:
-        params = request.params
-        unknown = set(params) - {
-            "command",
-            "args",
-            "stdin",
-            "stdout",
-            "stderr",
-            "timeout",
-            "started",
-        }
-        if unknown:
-            raise CommandError(f"unknown exec parameter {sorted(unknown)[0]!r}")
-        name = params.get("command")
-        if not isinstance(name, str) or not name:
-            raise CommandError("exec parameter 'command' must be a non-empty string")
-        command = self.resolve(name)
-        args = _str_list(params.get("args", []), "args")
-        self._check_args(command, args)
-        modes = {}
-        for stream, allowed in _MODES.items():
-            mode = params.get(stream, "null")
-            if mode not in allowed:
-                raise CommandError(
-                    f"exec parameter {stream!r} = {mode!r}; expected one of {allowed}"
-                )
-            modes[stream] = str(mode)
-        wanted = sum(mode == "fd" for mode in modes.values())
-        if wanted != request.fds:
-            raise CommandError(f"{wanted} streams use mode 'fd' but {request.fds} fds were passed")
-        timeout = command.timeout
-        asked = params.get("timeout")
-        if asked is not None:
-            if isinstance(asked, bool) or not isinstance(asked, int | float) or not asked > 0:
-                raise CommandError(f"exec parameter 'timeout' = {asked!r}; expected seconds > 0")
-            timeout = min(timeout, float(asked))
-        started = params.get("started", True)
-        if not isinstance(started, bool):
-            raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
-        return _Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
-
-    @staticmethod
-    def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
-        table = f"[exec.{command.name}]"
-        if command.args == "none" and args:
-            raise CommandError(f'{table} takes no arguments (args = "none"); got {len(args)}')
-        if len(args) > command.max_args:
-            raise CommandError(f"{table} allows at most max_args = {command.max_args} arguments")
-        for index, arg in enumerate(args, 1):
-            if "\0" in arg:
-                raise CommandError(f"{table} argument {index} contains a NUL byte")
-            try:
-                os.fsencode(arg)
-            except UnicodeEncodeError:
-                raise CommandError(f"{table} argument {index} is not valid text") from None
-            if isinstance(command.args, tuple) and not any(p.fullmatch(arg) for p in command.args):
-                raise CommandError(
-                    f"{table} argument {index} {arg!r} matches none of the allowed patterns "
-                    f"{[p.pattern for p in command.args]}"
-                )
-
     async def handle_exec(self, request: Request, channel: Channel) -> None:
         """Run one command for *channel*'s peer and stream its output and exit status."""
         passed = channel.take_fds()
         try:
-            call = self._parse(request)
+            call = self.table.parse(request)
         except BaseException:
             _close_all(passed)
             raise
@@ -309,24 +230,11 @@ def _resident(cmd: CommandConfig) -> bool:
     return cmd.network and not cmd.pid_namespace
 
 
-def _rlimits(cmd: CommandConfig) -> list[tuple[int, int]]:
-    limits = [(resource.RLIMIT_NOFILE, cmd.max_open_files), (resource.RLIMIT_CORE, 0)]
-    for res, value in (
-        (resource.RLIMIT_CPU, cmd.cpu),
-        (resource.RLIMIT_AS, cmd.max_memory),
-        (resource.RLIMIT_NPROC, cmd.max_processes),
-        (resource.RLIMIT_FSIZE, cmd.max_file_size),
-    ):
-        if value is not None:
-            limits.append((res, value))
-    return limits
-
-
 class _Run:
     """One command's life on the daemon side."""
 
     def __init__(
-        self, call: _Call, channel: Channel, passed: list[int], service: ExecService
+        self, call: Call, channel: Channel, passed: list[int], service: ExecService
     ) -> None:
         self.call = call
         self.channel = channel
@@ -404,13 +312,15 @@ class _Run:
                 network=cmd.network,
                 pid_namespace=cmd.pid_namespace,
             )
-            handoff = None if "pipe" in self.call.modes.values() else self.channel.handoff_fd()
+            handoff = None if self.call.piped else self.channel.handoff_fd()
             self.sup = await self.service.spawn(
                 spec,
                 client=handoff,
                 name=cmd.name,
                 timeout=self.call.timeout,
                 started=self.call.started,
+                keep=self.channel.peer.transport == "unix",
+                peer=str(self.channel.peer),
             )
         except BaseException:
             _close_all([*readers, *([stdin_w] if stdin_w is not None else [])])
@@ -467,6 +377,8 @@ class _Run:
                     f"the client read no output for {grace} s after {cmd.name} ended; dropped"
                 ) from None
             client.cancel()
+            # Over before the client hears it: its next request must not find this one counted.
+            self.channel.release()
             await self.channel.send(
                 Exit(
                     returncode=returncode,
@@ -635,57 +547,112 @@ class _StatusReader:
 
 class _Handoff:
     """A command whose resident talks to the client itself (see
-    :meth:`~chroot_helper.services.exec_resident.ResidentPool.start`).
+    :meth:`~chroot_helper.services.exec_resident.ResidentPool.start`), and the connection's later
+    requests while the resident keeps it.
 
-    The daemon keeps the request counted and its end of the connection open, and reads the one
-    message the resident reports when a loop callback finds it (no task): ``X`` (the exit status,
-    sent just before the client's EXIT), ``E`` (the command could not start: the daemon answers
-    the client) or the end of the channel (the resident died: the client gets EXIT -9).
+    The daemon keeps the request counted and its own copy of the connection open for as long as
+    the resident has it, and reads the resident's reports in a loop callback (no task):
+
+    * ``X`` the exit status, sent just before the client's EXIT, when the resident does not keep
+      the connection: the request ends;
+    * ``E`` the command could not start: the daemon answers the client;
+    * ``C`` the kept connection ended; ``B`` it is back, with the next request's bytes and
+      descriptors, for the daemon to serve (a command of another identity, or piped streams);
+    * ``A`` a command runs: the connection ends with it (the answer to a release);
+    * the end of the channel: the resident died; if its state byte says a command ran, the
+      client gets EXIT -9.
+
+    While the resident keeps the connection it runs the client's next requests and logs them
+    without a word to the daemon.
     """
 
     def __init__(self, run: _Run) -> None:
         assert run.sup is not None
         self.run = run
         self.sup = run.sup
+        self.name = run.call.command.name
+        self._answer: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self._sock = socket.socket(fileno=self.sup.status_fd)
         self._loop.add_reader(self.sup.status_fd, self.settle)
 
     def settle(self) -> None:
-        """End the request if the resident has reported."""
+        """Handle every report the resident has sent."""
+        while self.sup.status_fd in self.run.service.handoffs:
+            try:
+                report, ancdata, _, _ = self._sock.recvmsg(
+                    MAX_REPORT, _REPORT_FDS, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return
+            except OSError:
+                report, ancdata = b"", []
+            if self._answer is not None and not self._answer.done():
+                self._answer.set_result(None)
+            self._handle(report, fds_from_ancdata(ancdata))
+
+    @property
+    def idle(self) -> bool:
+        """The resident keeps the connection and runs no command for it now."""
+        state = self.sup.state
+        return state is not None and not state[0]
+
+    def release(self) -> asyncio.Future[None]:
+        """Ask the resident for the idle connection; the result is set at its answer."""
+        self._answer = self._loop.create_future()
         try:
-            report = os.read(self.sup.status_fd, 4096)
-        except BlockingIOError:
-            return
+            os.write(self.sup.status_fd, bytes((RELEASE,)))
         except OSError:
-            report = b""
-        self._loop.remove_reader(self.sup.status_fd)
-        run, channel, name = self.run, self.run.channel, self.run.call.command.name
-        reusable = False
-        if report[:1] == STATUS_ERROR:
+            self._answer.set_result(None)
+        return self._answer
+
+    def _handle(self, report: bytes, fds: list[int]) -> None:
+        channel = self.run.channel
+        kind = report[:1]
+        if kind == BUSY:
+            pass
+        elif kind == HANDED_BACK:
+            self._end(reusable=True, keep_connection=True)
+            channel.serve_again(report[1:], fds)
+            fds = []
+        elif kind == CLOSED_KEPT:
+            self._end(reusable=True)
+        elif kind == STATUS_ERROR:
             error = CommandError(
-                f"[exec.{name}] could not start: {report[1:].decode(errors='replace')}"
+                f"[exec.{self.name}] could not start: {report[1:].decode(errors='replace')}"
             )
             log.warning("%s: %s", channel.peer, error)
             channel.send_now(Error(code=error_code(error), message=str(error)))
+            self._end(reusable=False)
         else:
-            exited = report[:1] == STATUS_EXIT and len(report) >= 1 + _CODE.size
+            exited = kind == STATUS_EXIT and len(report) >= 1 + _CODE.size
             returncode = _CODE.unpack_from(report, 1)[0] if exited else -signal.SIGKILL
             tail = report[1 + _CODE.size :]
             if TIMED_OUT in tail:
-                log.warning("%s: %s timed out after %s s", channel.peer, name, run.call.timeout)
-            if not exited:  # the resident died before its report, so before any EXIT frame
+                log.warning("%s: %s timed out", channel.peer, self.name)
+            if exited or not self.idle:
+                log.info("%s: %s exited %d", channel.peer, self.name, returncode)
+            if not exited and not self.idle:
+                # The resident died before its report, so before any EXIT frame.
                 channel.send_now(Exit(returncode=returncode))
-            log.info("%s: %s exited %d", channel.peer, name, returncode)
-            reusable = exited and RETIRING not in tail
+            self._end(reusable=exited and RETIRING not in tail)
+        _close_all(fds)
+
+    def _end(self, *, reusable: bool, keep_connection: bool = False) -> None:
+        self._loop.remove_reader(self.sup.status_fd)
+        self._sock.detach()
+        run = self.run
         run.service.handoffs.pop(self.sup.status_fd, None)
         if self.sup in run.running:  # not yet released by ExecService.stop
             run.running.discard(self.sup)
             run.service.release(self.sup, reusable=reusable)
-        channel.close()
+        if not keep_connection:
+            run.channel.close()
 
     def abandon(self) -> None:
         """The daemon stops: close the client's connection without an answer."""
         self._loop.remove_reader(self.sup.status_fd)
+        self._sock.detach()
         self.run.channel.close()
 
 

@@ -9,7 +9,7 @@ process), so the daemon never does it on a request's path while the forker runs.
   end, control read end), the forker hands it to an idle supervisor and forks a replacement;
 * forks a *resident* supervisor (:mod:`~chroot_helper.services.exec_resident`) when the daemon asks
   for one with ``b"R" + identity`` and answers ``b"R"`` with the daemon's end of the resident's
-  channel beside it (``SCM_RIGHTS``), or ``b"E" + reason``.
+  channel and a memfd holding its state byte beside it (``SCM_RIGHTS``), or ``b"E" + reason``.
 
 Messages travel over one ``SOCK_SEQPACKET`` pair.  Supervisors are the forker's children: it reaps
 them, and a resident exits once idle when the forker has gone.  The forker is also a child
@@ -27,6 +27,7 @@ import collections
 import contextlib
 import gc
 import json
+import mmap
 import os
 import select
 import signal
@@ -36,6 +37,7 @@ from typing import Final
 
 from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
 from ..privileges import drop_capabilities
+from .exec_calls import CommandTable
 from .exec_resident import resident_main
 from .exec_spawn import (
     _PR_SET_CHILD_SUBREAPER,
@@ -57,10 +59,12 @@ __all__ = ["Forker", "POOL_SIZE"]
 _JOB_FDS: Final = 5  # stdin, stdout, stderr, status write end, control read end
 _MAX_JOB: Final = 256 * 1024
 _JOB_FD_SPACE: Final = ancillary_space(_JOB_FDS)
-_REPLY_FD_SPACE: Final = ancillary_space(1)
+_REPLY_FD_SPACE: Final = ancillary_space(2)
 #: One-shot supervisors the forker keeps forked ahead of time (when a command needs them).
 POOL_SIZE: Final = 4
 _RESIDENT: Final = b"R"
+#: What residents need to serve kept connections: the commands, and the idle timeout.
+_Keeping = tuple[CommandTable, float]
 
 
 def _encode_job(spec: SpawnSpec) -> bytes:
@@ -138,12 +142,23 @@ class Forker:
         self.fd = fd
         self._sock = socket.socket(fileno=fd)
         self._sock.setblocking(False)
-        self._waiting: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[tuple[int, int]]] = collections.deque()
         self._reading = False
 
     @classmethod
-    def start(cls, capabilities: frozenset[int], *, pool: bool = True) -> Forker:
-        """Fork the forker; it keeps only *capabilities*, and one-shot supervisors if *pool*."""
+    def start(
+        cls,
+        capabilities: frozenset[int],
+        table: CommandTable,
+        *,
+        pool: bool = True,
+        idle_timeout: float = 10.0,
+    ) -> Forker:
+        """Fork the forker; it keeps only *capabilities*, and one-shot supervisors if *pool*.
+
+        Its residents check a kept connection's requests against *table* and close the
+        connection after *idle_timeout* seconds without one.
+        """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         our_fd, their_fd = ours.detach(), theirs.detach()
         try:
@@ -154,7 +169,9 @@ class Forker:
             raise
         if pid == 0:  # pragma: no cover - runs in the forker
             try:
-                _forker_main(their_fd, capabilities, POOL_SIZE if pool else 0)
+                _forker_main(
+                    their_fd, capabilities, POOL_SIZE if pool else 0, (table, idle_timeout)
+                )
             finally:
                 os._exit(0)
         os.close(their_fd)
@@ -182,23 +199,31 @@ class Forker:
             os.close(control_r)
         return Supervisor(pid=None, status_fd=status_r, control_fd=control_w)
 
-    async def resident(self, identity: bytes) -> socket.socket:
-        """Ask for a resident supervisor at *identity*; return the daemon's end of its channel.
+    async def resident(self, identity: bytes) -> tuple[socket.socket, mmap.mmap]:
+        """Ask for a resident supervisor at *identity*; return the daemon's end of its channel
+        and its state byte (see :attr:`~chroot_helper.services.exec_spawn.Supervisor.state`).
 
         :raises ConnectionError: the forker is gone.
         :raises OSError: it could not fork one.
         """
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[int] = loop.create_future()
+        fut: asyncio.Future[tuple[int, int]] = loop.create_future()
         self._sock.send(_RESIDENT + identity)
         self._waiting.append(fut)
         if not self._reading:
             loop.add_reader(self._sock.fileno(), self._on_reply)
             self._reading = True
-        fd = await fut
+        fd, state_fd = await fut
+        try:
+            state = mmap.mmap(state_fd, 1)
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            os.close(state_fd)
         channel = socket.socket(fileno=fd)
         channel.setblocking(False)
-        return channel
+        return channel, state
 
     def _on_reply(self) -> None:
         while True:
@@ -216,14 +241,14 @@ class Forker:
                 self._fail(ConnectionResetError(0, "the forker closed its socket"))
                 return
             fut = self._waiting.popleft() if self._waiting else None
-            if fut is None or fut.done() or data[:1] != _RESIDENT or len(fds) != 1:
+            if fut is None or fut.done() or data[:1] != _RESIDENT or len(fds) != 2:
                 for fd in fds:
                     os.close(fd)
                 if fut is not None and not fut.done():
                     reason = data[1:].decode(errors="replace") or "malformed reply"
                     fut.set_exception(OSError(0, f"the forker could not fork: {reason}"))
                 continue
-            fut.set_result(fds[0])
+            fut.set_result((fds[0], fds[1]))
 
     def _fail(self, exc: OSError) -> None:
         self._stop_reading()
@@ -246,7 +271,9 @@ class Forker:
             self.fd = -1
 
 
-def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:  # pragma: no cover
+def _forker_main(  # pragma: no cover - runs in the forker
+    fd: int, capabilities: frozenset[int], pool_size: int, keeping: _Keeping
+) -> None:
     gc.disable()  # never let a collected copy of a daemon object close a reused fd number
     signal.set_wakeup_fd(-1)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -289,7 +316,7 @@ def _forker_main(fd: int, capabilities: frozenset[int], pool_size: int) -> None:
                 if not data:
                     return  # the daemon closed its end
                 if data[:1] == _RESIDENT:
-                    _answer_resident(fd, data[1:], alive, forked)
+                    _answer_resident(fd, data[1:], alive, forked, keeping)
                     continue
                 try:
                     _hand_over(idle, data, fds, forked)
@@ -356,10 +383,10 @@ def _kill_as_owner(pid: int) -> None:  # pragma: no cover - runs in the forker
 
 
 def _answer_resident(  # pragma: no cover - runs in the forker
-    fd: int, identity: bytes, alive: dict[int, int], forked: set[int]
+    fd: int, identity: bytes, alive: dict[int, int], forked: set[int], keeping: _Keeping
 ) -> None:
     try:
-        pid, channel, alive_w = _fork_resident(identity)
+        pid, channel, alive_w, state_fd = _fork_resident(identity, keeping)
     except OSError as exc:
         with contextlib.suppress(OSError):
             _send(fd, STATUS_ERROR + str(exc).encode()[:2000], [])
@@ -367,34 +394,42 @@ def _answer_resident(  # pragma: no cover - runs in the forker
     forked.add(pid)
     alive[pid] = alive_w
     try:
-        _send(fd, _RESIDENT, [channel])
+        _send(fd, _RESIDENT, [channel, state_fd])
     except OSError:
         pass  # the daemon is gone; the resident sees its channel close and exits
     finally:
         os.close(channel)
+        os.close(state_fd)
 
 
-def _fork_resident(identity: bytes) -> tuple[int, int, int]:  # pragma: no cover - in the forker
-    """Fork a resident supervisor; return its pid, the daemon's channel end, our alive pipe end."""
+def _fork_resident(  # pragma: no cover - runs in the forker
+    identity: bytes, keeping: _Keeping
+) -> tuple[int, int, int, int]:
+    """Fork a resident supervisor; return its pid, the daemon's channel end, our alive pipe end
+    and the memfd of its state byte."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     our_fd, their_fd = ours.detach(), theirs.detach()
     alive_r, alive_w = os.pipe()
+    state_fd = os.memfd_create("chroot-helper-resident-state", os.MFD_CLOEXEC)
     try:
+        os.ftruncate(state_fd, 1)
+        state = mmap.mmap(state_fd, 1)
         pid = os.fork()
     except BaseException:
-        for end in (our_fd, their_fd, alive_r, alive_w):
+        for end in (our_fd, their_fd, alive_r, alive_w, state_fd):
             os.close(end)
         raise
     if pid == 0:
         code = 70
         try:
-            resident_main(their_fd, alive_r, identity)
+            resident_main(their_fd, alive_r, identity, state, *keeping)
             code = 0
         finally:
             os._exit(code)
+    state.close()
     os.close(their_fd)
     os.close(alive_r)
-    return pid, our_fd, alive_w
+    return pid, our_fd, alive_w, state_fd
 
 
 def _hand_over(  # pragma: no cover - runs in the forker

@@ -14,13 +14,19 @@ Used for commands that need no namespace of their own (``network = true``,
 root.  Residents are keyed by identity (uid, gid, groups, rlimits), so commands with the same
 identity share them.
 
-Channel messages, daemon -> resident: a job, JSON ``{"argv", "env", "cwd"}`` with exactly three
-descriptors (stdin, stdout, stderr) beside it; while a command runs, control bytes (see
+Channel messages, daemon -> resident: a job, JSON ``{"argv", "env", "cwd", ...}`` with exactly
+three descriptors (stdin, stdout, stderr) beside it, and the client's connection as a fourth when
+the resident talks to the client itself; while a command runs, control bytes (see
 :mod:`~chroot_helper.services.exec_spawn`).  Resident -> daemon: the status messages of
 :mod:`~chroot_helper.services.exec_spawn`, where the exit message ends with :data:`RETIRING`
 when the resident exits after this command: after :data:`MAX_JOBS` commands, or once its own CPU
 time reaches half its RLIMIT_CPU (the limit applies to the resident too).  EOF on the channel
 kills a running tree and ends the resident; an idle resident also ends when the forker has gone.
+
+A resident that talks to a client over the Unix socket keeps the connection after the command
+(EXIT with ``keep``) and runs the client's next requests itself (:class:`_Keeper`), reporting
+only how the connection ends (:data:`CLOSED_KEPT`, :data:`HANDED_BACK`, :data:`BUSY`) and
+keeping its state byte (shared memory the daemon reads if it dies) non-zero while a command runs.
 """
 
 from __future__ import annotations
@@ -28,32 +34,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import mmap
 import os
 import resource
 import select
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Final
 
-from ..errors import RemoteProtocolError
+from ..errors import CommandError, RemoteProtocolError
 from ..fdpass import ancillary_space, recv_into, scm_rights
 from ..protocol import (
     CLOSED,
+    HEADER,
+    MAX_JSON_PAYLOAD,
     NEED_DATA,
     Connection,
     Error,
     Event,
     Exit,
+    Request,
     Role,
     Signal,
     Started,
     State,
-    encode_event,
 )
+from .exec_calls import CommandTable
 from .exec_spawn import (
     FORWARDED_SIGNALS,
+    RELEASE,
     STATUS_ERROR,
     SpawnSpec,
     Supervisor,
@@ -73,14 +85,20 @@ from .exec_spawn import (
 if TYPE_CHECKING:
     from .exec_forker import Forker
 
+#: The exec service's logger: a resident logs the commands of the connections it keeps.
+log = logging.getLogger("chroot_helper.services.exec")
+
 __all__ = [
     "ResidentPool",
-    "identity_of",
     "resident_main",
     "MAX_JOBS",
     "MAX_IDLE",
     "RETIRING",
     "TIMED_OUT",
+    "CLOSED_KEPT",
+    "HANDED_BACK",
+    "BUSY",
+    "MAX_REPORT",
 ]
 
 #: Commands one resident runs before it retires (a fresh fork replaces it).
@@ -91,32 +109,36 @@ MAX_IDLE: Final = 32
 RETIRING: Final = b"R"
 #: In the tail of an exit message: the resident killed the command at its timeout.
 TIMED_OUT: Final = b"T"
+#: A kept connection has ended (closed by either side, idle too long, or released).
+CLOSED_KEPT: Final = b"C"
+#: A kept connection's next request, for the daemon: the bytes read, its descriptors beside.
+HANDED_BACK: Final = b"B"
+#: The answer to :data:`~chroot_helper.services.exec_spawn.RELEASE` while a command runs: the
+#: connection ends with it.
+BUSY: Final = b"A"
+_RELEASE_BYTE: Final = bytes((RELEASE,))
+#: One read of a kept connection: room for the largest request frame.
+_MAX_REQUEST_READ: Final = HEADER.size + MAX_JSON_PAYLOAD
+#: The largest message a resident sends the daemon (a handed-back request and what followed it).
+MAX_REPORT: Final = 1 + 2 * _MAX_REQUEST_READ
 _STD_FDS: Final = 3
 _PR_SET_DUMPABLE: Final = 4
 _MAX_JOB: Final = 256 * 1024
 _FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
 
 
-def identity_of(
-    *, uid: int, gid: int, groups: Sequence[int], rlimits: Sequence[tuple[int, int]]
-) -> bytes:
-    """The key of the residents that can run a command: who it runs as, under which limits."""
-    return json.dumps(
-        {
-            "uid": uid,
-            "gid": gid,
-            "groups": list(groups),
-            "rlimits": [list(pair) for pair in rlimits],
-        },
-        sort_keys=True,
-    ).encode()
-
-
 def encode_job(
-    spec: SpawnSpec, *, name: str = "", timeout: float | None = None, started: bool = True
+    spec: SpawnSpec,
+    *,
+    name: str = "",
+    timeout: float | None = None,
+    started: bool = True,
+    keep: bool = False,
+    peer: str = "",
 ) -> bytes:
-    """The job message for *spec* (its descriptors travel beside it); *timeout* and *started*
-    (send a STARTED frame) apply when the client's connection travels with it."""
+    """The job message for *spec* (its descriptors travel beside it); *timeout*, *started* (send
+    a STARTED frame) and *keep* (keep the connection for the client's next request) apply when
+    the client's connection travels with it."""
     return json.dumps(
         {
             "argv": list(spec.argv),
@@ -125,6 +147,8 @@ def encode_job(
             "name": name,
             "timeout": timeout,
             "started": started,
+            "keep": keep,
+            "peer": peer,
         }
     ).encode()
 
@@ -138,8 +162,8 @@ class ResidentPool:
 
     def __init__(self, forker: Forker) -> None:
         self._forker = forker
-        self._idle: dict[bytes, list[socket.socket]] = {}
-        self._busy: dict[int, socket.socket] = {}
+        self._idle: dict[bytes, list[_Resident]] = {}
+        self._busy: dict[int, _Resident] = {}
         self._refilling: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -152,27 +176,32 @@ class ResidentPool:
         name: str = "",
         timeout: float | None = None,
         started: bool = True,
+        keep: bool = False,
+        peer: str = "",
     ) -> Supervisor:
         """Send *spec* to a resident at *identity*; return at once (the status reports the start).
 
         With *client* (the client's connection), the resident takes over the rest of the exchange:
         it sends STARTED and EXIT, forwards SIGNAL frames, kills the tree when the client hangs up
-        or *timeout* passes, and reports to the daemon only ``E`` or ``X`` (before the EXIT frame).
+        or *timeout* passes, and reports to the daemon only ``E`` or ``X`` (before the EXIT frame);
+        with *keep* it keeps the connection for the client's next requests (see :class:`_Keeper`).
 
         :raises ConnectionError: the forker is gone.
         :raises OSError: no resident could take the job.
         """
-        job = encode_job(spec, name=name, timeout=timeout, started=started)
+        job = encode_job(spec, name=name, timeout=timeout, started=started, keep=keep, peer=peer)
         passed = [spec.stdin, spec.stdout, spec.stderr]
         fds = scm_rights(passed if client is None else [*passed, client])
         idle = self._idle.setdefault(identity, [])
         while True:
             fresh = not idle
-            channel = idle.pop() if idle else await self._forker.resident(identity)
+            resident = idle.pop() if idle else await self._forker.resident(identity)
+            channel, state = resident
+            state[0] = 1  # running from now on, as far as the daemon knows
             try:
                 channel.sendmsg([job], fds)
             except OSError as exc:  # an idle resident that has exited (its forker died)
-                channel.close()
+                _close(resident)
                 if fresh:
                     raise OSError(exc.errno, f"a new supervisor refused its job: {exc}") from None
                 continue
@@ -180,9 +209,14 @@ class ResidentPool:
         if not idle:
             self._refill(identity)
         fd = channel.fileno()
-        self._busy[fd] = channel
+        self._busy[fd] = resident
         return Supervisor(
-            pid=None, status_fd=fd, control_fd=fd, resident=identity, handed_off=client is not None
+            pid=None,
+            status_fd=fd,
+            control_fd=fd,
+            resident=identity,
+            handed_off=client is not None,
+            state=state,
         )
 
     def prewarm(self, identity: bytes) -> None:
@@ -193,14 +227,14 @@ class ResidentPool:
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Take back *sup*'s resident: idle again when *reusable* (its command has exited and it
         stays), else close its channel (which kills a tree still running; the resident exits)."""
-        channel = self._busy.pop(sup.status_fd, None)
-        if channel is None:
+        resident = self._busy.pop(sup.status_fd, None)
+        if resident is None:
             return
         idle = self._idle.setdefault(sup.resident or b"", [])
         if reusable and len(idle) < MAX_IDLE:
-            idle.append(channel)
+            idle.append(resident)
         else:
-            channel.close()
+            _close(resident)
 
     def _refill(self, identity: bytes) -> None:
         if identity in self._refilling:
@@ -212,16 +246,16 @@ class ResidentPool:
 
     async def _spare(self, identity: bytes) -> None:
         try:
-            channel = await self._forker.resident(identity)
+            resident = await self._forker.resident(identity)
         except OSError:
             return  # the next request finds out, and says so
         finally:
             self._refilling.discard(identity)
         idle = self._idle.setdefault(identity, [])
         if len(idle) < MAX_IDLE:
-            idle.append(channel)
+            idle.append(resident)
         else:
-            channel.close()
+            _close(resident)
 
     async def close(self) -> None:
         """Close every idle resident's channel (they exit); running ones are released later."""
@@ -229,13 +263,34 @@ class ResidentPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for idle in self._idle.values():
-            for channel in idle:
-                channel.close()
+            for resident in idle:
+                _close(resident)
         self._idle.clear()
 
 
-def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma: no cover
-    """Run in a resident supervisor: prepare once, then serve jobs until told to stop."""
+_Resident = tuple[socket.socket, mmap.mmap]
+"""The daemon's end of a resident's channel, and its state byte."""
+
+
+def _close(resident: _Resident) -> None:
+    channel, state = resident
+    channel.close()
+    state.close()
+
+
+def resident_main(  # pragma: no cover - runs in a resident
+    channel: int,
+    alive: int,
+    identity: bytes,
+    state: mmap.mmap,
+    table: CommandTable,
+    idle_timeout: float,
+) -> None:
+    """Run in a resident supervisor: prepare once, then serve jobs until told to stop.
+
+    *state* is the byte the daemon reads when this resident dies: non-zero while a command of a
+    client's connection runs (then the daemon tells the client it was killed).
+    """
     wake_r = _prepare({channel, alive})
     ident = json.loads(identity)
     base = SpawnSpec(
@@ -264,6 +319,7 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
     for fd in (channel, alive, wake_r):
         poller.register(fd, select.POLLIN)
     buffer = bytearray(_MAX_JOB)
+    keeper = _Keeper(channel, alive, wake_r, table, identity, idle_timeout)
     jobs = 0
     while True:
         ready = dict(poller.poll())
@@ -301,7 +357,15 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
                 client = (
                     None
                     if len(fds) == _STD_FDS
-                    else _Client(fds[3], job["timeout"], started=job["started"] is not False)
+                    else _Client(
+                        fds[3],
+                        channel,
+                        job["timeout"],
+                        started=job["started"] is not False,
+                        keep=job.get("keep") is True,
+                        name=str(job["name"]),
+                        peer=str(job.get("peer", "")),
+                    )
                 )
             except (ValueError, KeyError, TypeError, OSError):
                 for fd in fds:
@@ -313,19 +377,34 @@ def resident_main(channel: int, alive: int, identity: bytes) -> None:  # pragma:
             if failure is not None:
                 _refuse(channel, spec, failure, client)
                 return
-            try:
-                child = _start(spec)
-            except OSError as exc:
-                _refuse(channel, spec, exc, client)
-                continue
-            jobs += 1
-            times = os.times()
-            retire = jobs >= MAX_JOBS or (cpu is not None and times.user + times.system >= cpu / 2)
-            tail = RETIRING if retire else b""
-            if client is None:
-                _supervise(spec, child, channel, channel, wake_r, tail)
-            else:
+            while True:  # the job, then the kept connection's next requests
+                try:
+                    child = _start(spec)
+                except OSError as exc:
+                    _refuse(channel, spec, exc, client)
+                    break
+                jobs += 1
+                times = os.times()
+                retire = jobs >= MAX_JOBS or (
+                    cpu is not None and times.user + times.system >= cpu / 2
+                )
+                tail = RETIRING if retire else b""
+                if client is None:
+                    _supervise(spec, child, channel, channel, wake_r, tail)
+                    break
+                if retire:
+                    client.keep = False
                 _converse(spec, child, channel, wake_r, client, tail)
+                if not client.kept:
+                    break
+                state[0] = 0
+                next_call = keeper.wait(client)
+                if next_call is None:
+                    break
+                if isinstance(next_call, _Quit):
+                    return
+                state[0] = 1
+                spec, client = next_call
             if retire:
                 return
         elif alive in ready:
@@ -346,17 +425,27 @@ def _refuse(
 def _converse(
     spec: SpawnSpec, child: int, channel: int, wake_r: int, client: _Client, tail: bytes
 ) -> None:  # pragma: no cover - runs in a resident
-    """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT."""
+    """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT.
+
+    On a connection it keeps, the resident reports nothing to the daemon and logs the exit itself.
+    """
     _close_std(spec)
     if client.started:
         client.send(Started())
     returncode = _wait(child, channel, wake_r, client)
     _kill_tree(child)
-    # The daemon hears first, so it has counted the request as over by the time the client
-    # can send another; it never hears when it has gone, and then the client gets no EXIT
-    # either (the helper stopped).
+    exit_frame = Exit(returncode=returncode, timed_out=client.timed_out)
+    if client.keep and client.fd >= 0:
+        client.send(replace(exit_frame, keep=True))
+        if client.timed_out:
+            log.warning("%s: %s timed out", client.peer, client.name)
+        log.info("%s: %s exited %d", client.peer, client.name, returncode)
+        return
+    # The daemon hears first, so it has counted the request as over by the time the client can
+    # send another; it never hears when it has gone, and then the client gets no EXIT either
+    # (the helper stopped).
     if _report_exit(channel, returncode, tail + (TIMED_OUT if client.timed_out else b"")):
-        client.send(Exit(returncode=returncode, timed_out=client.timed_out))
+        client.send(exit_frame)
     client.close()
 
 
@@ -367,16 +456,39 @@ class _Client:
     in the daemon.  Implements :class:`~chroot_helper.services.exec_spawn.Watch`.
     """
 
-    def __init__(self, fd: int, timeout: object, *, started: bool = True) -> None:
+    def __init__(
+        self,
+        fd: int,
+        channel: int,
+        timeout: object,
+        *,
+        started: bool = True,
+        keep: bool = False,
+        conn: Connection | None = None,
+        name: str = "",
+        peer: str = "",
+    ) -> None:
         if timeout is not None and not isinstance(timeout, int | float):
             raise TypeError("timeout must be a number or null")
         # The daemon made the socket non-blocking (the flag belongs to the shared open file);
         # plain reads and writes on the descriptor need no socket object.
         self._fd = self.fd = fd
+        self._channel = channel
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timed_out = False
         self.started = started
-        self.conn: Connection | None = None  # made when the client first sends something
+        #: Keep the connection for the client's next request once this one is over.
+        self.keep = keep
+        self.name = name
+        self.peer = peer
+        if conn is None:
+            conn = Connection(Role.SERVER)
+            conn.our_state = conn.their_state = State.RUNNING  # the daemon read REQUEST
+        self.conn = conn
+
+    @property
+    def kept(self) -> bool:
+        return self.conn.kept and self.fd >= 0
 
     def readable(self) -> list[int]:
         try:
@@ -386,9 +498,6 @@ class _Client:
         except OSError:
             data = b""
         signals: list[int] = []
-        if self.conn is None:
-            self.conn = Connection(Role.SERVER)
-            self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read REQUEST
         try:
             self.conn.receive_data(data)
             while (event := self.conn.next_event()) is not NEED_DATA:
@@ -406,9 +515,197 @@ class _Client:
     def expired(self) -> None:
         self.timed_out = True
 
+    def release(self) -> None:
+        """The daemon wants the connection back once this command is over."""
+        self.keep = False
+        with contextlib.suppress(OSError):
+            os.write(self._channel, BUSY)
+
     def send(self, event: Event) -> None:
+        frame = self.conn.send(event)
         with contextlib.suppress(OSError):  # a client that has gone learns nothing more
-            os.write(self._fd, encode_event(event))  # a few bytes: one write, or the client is gone
+            os.write(self._fd, frame)  # a few bytes: one write, or the client is gone
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+class _Quit:
+    pass
+
+
+#: :meth:`_Keeper.wait`: the resident must exit (the daemon or the forker has gone).
+_QUIT: Final = _Quit()
+
+
+class _Keeper:
+    """Waits on a kept connection for the client's next request (a resident has one at most).
+
+    A request this resident can run (an exec of a command with its identity, no stream piped
+    through the daemon, nothing sent after the request yet) it runs at once; anything else goes
+    back to the daemon (:data:`HANDED_BACK`) with the bytes and descriptors read so far.  The
+    connection is closed, unread, when the client is idle for *idle_timeout* seconds or the daemon
+    asks for it (:data:`~chroot_helper.services.exec_spawn.RELEASE`).
+    """
+
+    def __init__(
+        self,
+        channel: int,
+        alive: int,
+        wake_r: int,
+        table: CommandTable,
+        identity: bytes,
+        idle_timeout: float,
+    ) -> None:
+        self.channel = channel
+        self.alive = alive
+        self.wake_r = wake_r
+        self.table = table
+        self.identity = identity
+        self.idle_timeout = idle_timeout
+        self.null_fds: tuple[int, int] | None = None
+        self.buffer = bytearray(_MAX_REQUEST_READ)
+
+    def wait(self, client: _Client) -> tuple[SpawnSpec, _Client] | _Quit | None:
+        """The next command to run for *client*, None once the connection has ended (it is
+        closed or back with the daemon), or :data:`_QUIT`."""
+        client.conn.start_next_cycle()
+        poller = select.poll()
+        for fd in (client.fd, self.channel, self.alive, self.wake_r):
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + self.idle_timeout
+        raw = bytearray()
+        fds: list[int] = []
+        # Family, type and protocol given: no system calls to look them up.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, client.fd)
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                ready = dict(poller.poll(max(0.0, remaining) * 1000)) if remaining > 0 else {}
+                if not ready:
+                    self._end(client, fds)  # idle too long (or stuck inside a frame)
+                    return None
+                if self.wake_r in ready:
+                    os.read(self.wake_r, 64)
+                if self.alive in ready:
+                    self._end(client, fds, report=False)
+                    return _QUIT
+                if self.channel in ready:
+                    message = os.read(self.channel, 64)
+                    if not message:
+                        self._end(client, fds, report=False)
+                        return _QUIT
+                    if _RELEASE_BYTE in message:
+                        self._end(client, fds)
+                        return None
+                if client.fd not in ready:
+                    continue
+                try:
+                    data, more, flags = recv_into(
+                        sock, self.buffer, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                    )
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data, more, flags = b"", [], 0
+                fds += more
+                raw += data
+                if flags & socket.MSG_CTRUNC or len(fds) > _STD_FDS:
+                    self._hand_back(client, raw, fds)
+                    return None
+                try:
+                    client.conn.receive_data(data)
+                    event = client.conn.next_event()
+                except RemoteProtocolError:
+                    self._hand_back(client, raw, fds)
+                    return None  # the daemon answers and logs it
+                if event is NEED_DATA:
+                    continue
+                if event is CLOSED:
+                    self._end(client, fds)
+                    return None
+                run = self._runnable(event, client, fds) if isinstance(event, Request) else None
+                if run is None:
+                    self._hand_back(client, raw, fds)
+                    return None
+                return run
+        finally:
+            sock.detach()
+
+    def _runnable(
+        self, request: Request, client: _Client, fds: list[int]
+    ) -> tuple[SpawnSpec, _Client] | None:
+        """The command for *request* if this resident may run it as the daemon would."""
+        if (
+            request.op != "exec"
+            or request.token is not None
+            or request.fds != len(fds)
+            or client.conn.buffered
+        ):
+            return None
+        try:
+            call = self.table.parse(request)
+        except CommandError:
+            return None
+        name = call.command.name
+        if call.piped or self.table.identities[name] != self.identity:
+            return None
+        if self.null_fds is None:
+            self.null_fds = (
+                os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
+                os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
+            )
+        passed = iter(fds)
+        streams: list[int] = []
+        for index, stream in enumerate(("stdin", "stdout", "stderr")):
+            mode = call.modes[stream]
+            if mode == "fd":
+                streams.append(next(passed))
+            elif mode == "stdout":
+                streams.append(streams[1])
+            else:  # a copy: the command's streams are closed once it runs
+                streams.append(os.dup(self.null_fds[0 if index == 0 else 1]))
+        spec = SpawnSpec(
+            argv=call.argv,
+            env=dict(call.command.env),
+            cwd=call.command.cwd,
+            uid=call.command.uid,
+            gid=call.command.gid,
+            groups=call.command.groups,
+            rlimits=self.table.rlimits[name],
+            stdin=streams[0],
+            stdout=streams[1],
+            stderr=streams[2],
+        )
+        log.debug("%s: exec %s", client.peer, name)
+        return spec, _Client(
+            client.fd,
+            self.channel,
+            call.timeout,
+            started=call.started,
+            keep=True,
+            conn=client.conn,
+            name=name,
+            peer=client.peer,
+        )
+
+    def _hand_back(self, client: _Client, raw: bytearray, fds: list[int]) -> None:
+        with contextlib.suppress(OSError):
+            _send_message(self.channel, HANDED_BACK + bytes(raw), fds)
+        self._end(client, fds, report=False)
+
+    def _end(self, client: _Client, fds: list[int], *, report: bool = True) -> None:
+        for fd in fds:
+            os.close(fd)
+        client.close()
+        if report:
+            with contextlib.suppress(OSError):
+                os.write(self.channel, CLOSED_KEPT)
+
+
+def _send_message(channel: int, data: bytes, fds: list[int]) -> None:  # pragma: no cover
+    sock = socket.socket(fileno=channel)
+    try:
+        sock.sendmsg([data], scm_rights(fds))
+    finally:
+        sock.detach()

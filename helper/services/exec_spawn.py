@@ -25,7 +25,8 @@ after step 4 and repeat steps 5 and 6 for one command after another.
 
 Status (supervisor -> daemon): ``b"S"`` started, or ``b"E" + message`` could not start, then
 ``b"X" + int32`` the ``subprocess``-style return code.  Control (daemon -> supervisor): one byte
-per request, a signal number to forward, or ``0`` to kill the tree now.
+per request, a signal number to forward, ``0`` to kill the tree now, or :data:`RELEASE` (the
+daemon wants the client's connection back from a resident once the command is over).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import gc
+import mmap
 import os
 import resource
 import select
@@ -51,6 +53,7 @@ __all__ = [
     "STATUS_ERROR",
     "STATUS_EXIT",
     "KILL_TREE",
+    "RELEASE",
     "FORWARDED_SIGNALS",
     "Watch",
 ]
@@ -59,6 +62,7 @@ STATUS_STARTED: Final = b"S"
 STATUS_ERROR: Final = b"E"
 STATUS_EXIT: Final = b"X"
 KILL_TREE: Final = 0
+RELEASE: Final = 255
 #: Signals a client may forward to its command's process group.
 FORWARDED_SIGNALS: Final = frozenset(
     {
@@ -134,7 +138,9 @@ class Supervisor:
     :param resident: the identity key of a resident supervisor (its channel is both fds and it
         serves further commands once this one has exited); None for a one-shot supervisor.
     :param handed_off: the resident took over the client's connection and reports only the
-        outcome (``E`` or ``X``) to the daemon.
+        outcome to the daemon.
+    :param state: a resident's shared byte, non-zero while it runs a command (written by the
+        resident, read by the daemon; see :mod:`~chroot_helper.services.exec_resident`).
     """
 
     pid: int | None
@@ -142,6 +148,7 @@ class Supervisor:
     control_fd: int
     resident: bytes | None = None
     handed_off: bool = False
+    state: mmap.mmap | None = None
 
 
 def _pipes() -> tuple[int, int, int, int]:
@@ -324,6 +331,10 @@ class Watch(Protocol):
         """:attr:`deadline` has passed (the tree is killed next)."""
         ...
 
+    def release(self) -> None:
+        """The daemon sent :data:`RELEASE`, or has gone: the command's connection ends with it."""
+        ...
+
 
 def _wait(
     child: int, control_r: int, wake_r: int, watch: Watch | None = None
@@ -370,8 +381,14 @@ def _wait(
                     control_open = False
                     poller.unregister(control_r)
                     _signal_group(child, signal.SIGKILL)
+                    if watch is not None:
+                        watch.release()
                 for byte in data:
-                    _signal_group(child, signal.SIGKILL if byte == KILL_TREE else byte)
+                    if byte == RELEASE:
+                        if watch is not None:
+                            watch.release()
+                    else:
+                        _signal_group(child, signal.SIGKILL if byte == KILL_TREE else byte)
 
 
 def _signal_group(pgid: int, sig: int) -> None:  # pragma: no cover

@@ -60,8 +60,9 @@ def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> li
             conn.receive_data(data)
             while (event := conn.next_event()) not in (protocol.NEED_DATA, protocol.CLOSED):
                 events.append(event)
-            if not data:
-                return events
+            last = events[-1] if events else None
+            if not data or isinstance(last, protocol.Exit) and last.keep:
+                return events  # the end, or a kept connection that waits for another request
 
 
 def _request_frame(params: dict[str, object], fds: int = 0) -> bytes:
@@ -145,10 +146,11 @@ def test_bad_request_parameters_get_a_clear_error(helper: Helper) -> None:
 
 
 def test_started_frame_is_sent_unless_the_request_declines_it(helper: Helper) -> None:
+    # On the Unix socket the helper keeps the connection for another request (EXIT says so).
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo"}))
-    assert events == [protocol.Started(), protocol.Exit(returncode=0)]
+    assert events == [protocol.Started(), protocol.Exit(returncode=0, keep=True)]
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": False}))
-    assert events == [protocol.Exit(returncode=0)]
+    assert events == [protocol.Exit(returncode=0, keep=True)]
     events = _raw_exchange(helper.socket, _request_frame({"command": "echo", "started": "no"}))
     assert events == [
         protocol.Error(

@@ -212,3 +212,46 @@ def test_random_payloads_under_valid_headers_only_raise_remote_protocol_error(
             conn.next_event()
         except RemoteProtocolError:
             pass
+
+
+def test_a_kept_connection_carries_the_next_request() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    feed(server, client.send(Request(op="exec", params={"command": "true"})))
+    assert feed(client, server.send(Exit(returncode=3, keep=True))) == [
+        Exit(returncode=3, keep=True)
+    ]
+    assert client.kept and server.kept
+    client.start_next_cycle()
+    server.start_next_cycle()
+    second = Request(op="exec", params={"command": "echo"})
+    assert feed(server, client.send(second)) == [second]
+    assert feed(client, server.send(Exit(returncode=0))) == [Exit(returncode=0)]
+    assert not client.kept
+    with pytest.raises(LocalProtocolError, match="no next request in state done"):
+        client.start_next_cycle()
+
+
+def test_only_a_kept_exit_allows_another_request() -> None:
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    with pytest.raises(LocalProtocolError, match="no next request in state idle"):
+        client.start_next_cycle()
+    feed(server, client.send(Request(op="exec")))
+    with pytest.raises(LocalProtocolError, match="in state running"):
+        server.start_next_cycle()
+    feed(client, server.send(Error(code="command", message="no")))
+    with pytest.raises(LocalProtocolError, match="only an EXIT frame with keep"):
+        client.start_next_cycle()
+    server.receive_data(Connection(Role.CLIENT).send(Request(op="exec")))
+    with pytest.raises(RemoteProtocolError, match="Request frame from the client in state done"):
+        server.next_event()
+
+
+def test_keep_is_optional_on_the_wire_and_must_be_a_boolean() -> None:
+    assert b"keep" not in protocol.encode_event(Exit(returncode=0))
+    client = Connection(Role.CLIENT)
+    client.send(Request(op="exec"))
+    client.receive_data(
+        frame(4, b'{"returncode":0,"timed_out":false,"output_limited":false,"keep":1}')
+    )
+    with pytest.raises(RemoteProtocolError, match="'keep' is 1, expected true or false"):
+        client.next_event()

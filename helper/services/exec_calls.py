@@ -1,0 +1,182 @@
+"""Exec requests checked against the ``[exec.NAME]`` tables: what a caller may run, and how.
+
+Shared by the daemon and the resident supervisors that serve a kept connection's later requests
+themselves (:mod:`~chroot_helper.services.exec_resident`); both reject the same requests with the
+same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ..config import CommandConfig
+from ..errors import CommandError
+from ..protocol import Request
+
+__all__ = ["Call", "CommandTable", "MODES", "identity_of"]
+
+MODES: Final = {
+    "stdin": ("pipe", "fd", "null"),
+    "stdout": ("pipe", "fd", "null"),
+    "stderr": ("pipe", "fd", "null", "stdout"),
+}
+
+
+def identity_of(
+    *, uid: int, gid: int, groups: Sequence[int], rlimits: Sequence[tuple[int, int]]
+) -> bytes:
+    """The key of the residents that can run a command: who it runs as, under which limits."""
+    return json.dumps(
+        {
+            "uid": uid,
+            "gid": gid,
+            "groups": list(groups),
+            "rlimits": [list(pair) for pair in rlimits],
+        },
+        sort_keys=True,
+    ).encode()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """A checked exec request."""
+
+    command: CommandConfig
+    args: tuple[str, ...]
+    modes: Mapping[str, str]
+    timeout: float
+    started: bool = True
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return (*self.command.argv, *self.args)
+
+    @property
+    def piped(self) -> bool:
+        """Some stream goes through DATA frames (the daemon relays them)."""
+        return "pipe" in self.modes.values()
+
+
+class CommandTable:
+    """The configured commands, found by name or path, with their limits and identities.
+
+    :param commands: the validated command tables by name.
+    """
+
+    def __init__(self, commands: Mapping[str, CommandConfig]) -> None:
+        self.commands = dict(commands)
+        self._by_path: dict[str, list[str]] = {}
+        for cmd in commands.values():
+            for key in {cmd.argv[0], os.path.basename(cmd.argv[0])}:
+                self._by_path.setdefault(key, []).append(cmd.name)
+        self.rlimits = {name: _rlimits(cmd) for name, cmd in self.commands.items()}
+        #: The key of the resident supervisors that may run each command (see :func:`identity_of`).
+        self.identities = {
+            name: identity_of(
+                uid=cmd.uid, gid=cmd.gid, groups=cmd.groups, rlimits=self.rlimits[name]
+            )
+            for name, cmd in self.commands.items()
+        }
+
+    def resolve(self, name: str) -> CommandConfig:
+        """Find the command a caller means by *name*: table name, argv[0], or its basename."""
+        if name in self.commands:
+            return self.commands[name]
+        matches = self._by_path.get(name, [])
+        if len(matches) == 1:
+            return self.commands[matches[0]]
+        if matches:
+            raise CommandError(
+                f"{name!r} is configured as several commands ({', '.join(sorted(matches))}); "
+                "call one of them by name"
+            )
+        configured = ", ".join(sorted(self.commands)) or "none"
+        raise CommandError(
+            f"command {name!r} is not allowed: no [exec.{os.path.basename(name) or name}] table "
+            f"in the helper's config (configured: {configured})"
+        )
+
+    def parse(self, request: Request) -> Call:
+        params = request.params
+        unknown = set(params) - {
+            "command",
+            "args",
+            "stdin",
+            "stdout",
+            "stderr",
+            "timeout",
+            "started",
+        }
+        if unknown:
+            raise CommandError(f"unknown exec parameter {sorted(unknown)[0]!r}")
+        name = params.get("command")
+        if not isinstance(name, str) or not name:
+            raise CommandError("exec parameter 'command' must be a non-empty string")
+        command = self.resolve(name)
+        args = _str_list(params.get("args", []), "args")
+        _check_args(command, args)
+        modes = {}
+        for stream, allowed in MODES.items():
+            mode = params.get(stream, "null")
+            if mode not in allowed:
+                raise CommandError(
+                    f"exec parameter {stream!r} = {mode!r}; expected one of {allowed}"
+                )
+            modes[stream] = str(mode)
+        wanted = sum(mode == "fd" for mode in modes.values())
+        if wanted != request.fds:
+            raise CommandError(f"{wanted} streams use mode 'fd' but {request.fds} fds were passed")
+        timeout = command.timeout
+        asked = params.get("timeout")
+        if asked is not None:
+            if isinstance(asked, bool) or not isinstance(asked, int | float) or not asked > 0:
+                raise CommandError(f"exec parameter 'timeout' = {asked!r}; expected seconds > 0")
+            timeout = min(timeout, float(asked))
+        started = params.get("started", True)
+        if not isinstance(started, bool):
+            raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
+        return Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
+
+
+def _str_list(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CommandError(f"exec parameter {key!r} must be a list of strings")
+    return tuple(value)
+
+
+def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
+    table = f"[exec.{command.name}]"
+    if command.args == "none" and args:
+        raise CommandError(f'{table} takes no arguments (args = "none"); got {len(args)}')
+    if len(args) > command.max_args:
+        raise CommandError(f"{table} allows at most max_args = {command.max_args} arguments")
+    for index, arg in enumerate(args, 1):
+        if "\0" in arg:
+            raise CommandError(f"{table} argument {index} contains a NUL byte")
+        try:
+            os.fsencode(arg)
+        except UnicodeEncodeError:
+            raise CommandError(f"{table} argument {index} is not valid text") from None
+        if isinstance(command.args, tuple) and not any(p.fullmatch(arg) for p in command.args):
+            raise CommandError(
+                f"{table} argument {index} {arg!r} matches none of the allowed patterns "
+                f"{[p.pattern for p in command.args]}"
+            )
+
+
+def _rlimits(cmd: CommandConfig) -> list[tuple[int, int]]:
+    limits = [(resource.RLIMIT_NOFILE, cmd.max_open_files), (resource.RLIMIT_CORE, 0)]
+    for res, value in (
+        (resource.RLIMIT_CPU, cmd.cpu),
+        (resource.RLIMIT_AS, cmd.max_memory),
+        (resource.RLIMIT_NPROC, cmd.max_processes),
+        (resource.RLIMIT_FSIZE, cmd.max_file_size),
+    ):
+        if value is not None:
+            limits.append((res, value))
+    return limits
