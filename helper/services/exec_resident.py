@@ -690,8 +690,11 @@ class _Keeper:
         )
 
     def _hand_back(self, client: _Client, raw: bytearray, fds: list[int]) -> None:
-        with contextlib.suppress(OSError):
+        try:
             _send_message(self.channel, HANDED_BACK + bytes(raw), fds)
+        except OSError:  # the daemon cannot take it: end the connection instead
+            self._end(client, fds)
+            return
         self._end(client, fds, report=False)
 
     def _end(self, client: _Client, fds: list[int], *, report: bool = True) -> None:
