@@ -41,7 +41,7 @@ from ..fdpass import ancillary_space, fds_from_ancdata
 from ..privileges import CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN
 from ..protocol import MAX_DATA_PAYLOAD, MAX_FDS, Data, Error, Exit, Request, Signal, Started
 from ..server import Channel, Service, wait_fd
-from .exec_calls import Call, CommandTable
+from .exec_calls import Call, CommandTable, runs_in_resident
 from .exec_forker import Forker
 from .exec_resident import (
     BUSY,
@@ -108,14 +108,14 @@ class ExecService(Service):
         :mod:`~chroot_helper.services.exec_forker`)."""
         if self.commands:
             self.null_fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
-            one_shot = any(not _resident(cmd) for cmd in self.commands.values())
+            one_shot = any(not runs_in_resident(cmd) for cmd in self.commands.values())
             self._forker = Forker.start(
                 self.capabilities, self.table, pool=one_shot, idle_timeout=self.idle_timeout
             )
             self._forker_pids.append(self._forker.pid)
             self._pool = ResidentPool(self._forker)
             for name, cmd in self.commands.items():
-                if _resident(cmd):
+                if runs_in_resident(cmd):
                     self._pool.prewarm(self.table.identities[name])
 
     async def spawn(
@@ -158,10 +158,6 @@ class ExecService(Service):
             except OSError as exc:
                 log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
         return spawn(spec)
-
-    def rlimits(self, cmd: CommandConfig) -> list[tuple[int, int]]:
-        """The ``(resource, limit)`` pairs *cmd* runs under."""
-        return self.table.rlimits[cmd.name]
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is
@@ -223,11 +219,6 @@ def _close(fd: int) -> None:
 def _close_all(fds: Sequence[int]) -> None:
     for fd in fds:
         _close(fd)
-
-
-def _resident(cmd: CommandConfig) -> bool:
-    """Whether resident supervisors run *cmd* (see :mod:`~chroot_helper.services.exec_resident`)."""
-    return cmd.network and not cmd.pid_namespace
 
 
 class _Run:
@@ -298,20 +289,7 @@ class _Run:
         readers: dict[int, int] = {}
         try:
             child_fds, stdin_w, readers = self._pipes()
-            spec = SpawnSpec(
-                argv=(*cmd.argv, *self.call.args),
-                env=dict(cmd.env),
-                cwd=cmd.cwd,
-                uid=cmd.uid,
-                gid=cmd.gid,
-                groups=cmd.groups,
-                rlimits=self.service.rlimits(cmd),
-                stdin=child_fds[0],
-                stdout=child_fds[1],
-                stderr=child_fds[2],
-                network=cmd.network,
-                pid_namespace=cmd.pid_namespace,
-            )
+            spec = self.service.table.spec(self.call, child_fds)
             handoff = None if self.call.piped else self.channel.handoff_fd()
             self.sup = await self.service.spawn(
                 spec,

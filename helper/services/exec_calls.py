@@ -17,8 +17,9 @@ from typing import Final
 from ..config import CommandConfig
 from ..errors import CommandError
 from ..protocol import Request
+from .exec_spawn import SpawnSpec
 
-__all__ = ["Call", "CommandTable", "MODES", "identity_of"]
+__all__ = ["Call", "CommandTable", "MODES", "identity_of", "runs_in_resident"]
 
 MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
@@ -101,6 +102,24 @@ class CommandTable:
             f"in the helper's config (configured: {configured})"
         )
 
+    def spec(self, call: Call, streams: Sequence[int]) -> SpawnSpec:
+        """What a supervisor needs to start *call* with *streams* as its stdin, stdout, stderr."""
+        cmd = call.command
+        return SpawnSpec(
+            argv=call.argv,
+            env=dict(cmd.env),
+            cwd=cmd.cwd,
+            uid=cmd.uid,
+            gid=cmd.gid,
+            groups=cmd.groups,
+            rlimits=self.rlimits[cmd.name],
+            stdin=streams[0],
+            stdout=streams[1],
+            stderr=streams[2],
+            network=cmd.network,
+            pid_namespace=cmd.pid_namespace,
+        )
+
     def parse(self, request: Request) -> Call:
         params = request.params
         unknown = set(params) - {
@@ -141,6 +160,12 @@ class CommandTable:
         if not isinstance(started, bool):
             raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
         return Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
+
+
+def runs_in_resident(cmd: CommandConfig) -> bool:
+    """Whether resident supervisors run *cmd*: it needs no namespace of its own (see
+    :mod:`~chroot_helper.services.exec_resident`)."""
+    return cmd.network and not cmd.pid_namespace
 
 
 def _str_list(value: object, key: str) -> tuple[str, ...]:

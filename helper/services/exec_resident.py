@@ -62,7 +62,7 @@ from ..protocol import (
     Started,
     State,
 )
-from .exec_calls import CommandTable
+from .exec_calls import CommandTable, runs_in_resident
 from .exec_spawn import (
     FORWARDED_SIGNALS,
     RELEASE,
@@ -648,7 +648,11 @@ class _Keeper:
         except CommandError:
             return None
         name = call.command.name
-        if call.piped or self.table.identities[name] != self.identity:
+        if (
+            call.piped
+            or not runs_in_resident(call.command)  # its supervisor must unshare, as root
+            or self.table.identities[name] != self.identity
+        ):
             return None
         if self.null_fds is None:
             self.null_fds = (
@@ -665,18 +669,7 @@ class _Keeper:
                 streams.append(streams[1])
             else:  # a copy: the command's streams are closed once it runs
                 streams.append(os.dup(self.null_fds[0 if index == 0 else 1]))
-        spec = SpawnSpec(
-            argv=call.argv,
-            env=dict(call.command.env),
-            cwd=call.command.cwd,
-            uid=call.command.uid,
-            gid=call.command.gid,
-            groups=call.command.groups,
-            rlimits=self.table.rlimits[name],
-            stdin=streams[0],
-            stdout=streams[1],
-            stderr=streams[2],
-        )
+        spec = self.table.spec(call, streams)
         log.debug("%s: exec %s", client.peer, name)
         return spec, _Client(
             client.fd,

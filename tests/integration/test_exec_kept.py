@@ -30,6 +30,10 @@ argv = ["/bin/sh", "-c"]
 args = "any"
 timeout = 20
 
+[exec.offline]
+argv = ["/bin/cat", "/proc/net/dev"]
+network = false
+
 [exec.slow]
 argv = ["/bin/sleep"]
 args = ["[0-9.]+"]
@@ -103,6 +107,18 @@ def test_what_the_resident_cannot_run_goes_back_to_the_daemon(tmp_path: Path) ->
         client.run(["slow", "--help"], stdin=client.DEVNULL)
     assert echo("after", tmp_path / "out") == 0
     assert (tmp_path / "out").read_text().split() == ["kept"] * 4 + ["after"]
+
+
+def test_a_command_with_namespaces_of_its_own_never_runs_in_a_kept_resident(
+    tmp_path: Path,
+) -> None:
+    # Same user and limits as echo, so the same resident identity; only its supervisor, not a
+    # resident, may give it the empty network namespace it is configured with.
+    echo("kept", tmp_path / "out")
+    with open(tmp_path / "net", "wb") as fh:
+        assert client.run(["offline"], stdin=client.DEVNULL, stdout=fh).returncode == 0
+    lines = (tmp_path / "net").read_text().splitlines()[2:]
+    assert [line.split(":")[0].strip() for line in lines] == ["lo"]
 
 
 def test_a_kept_call_times_out_and_the_next_one_runs() -> None:
