@@ -58,9 +58,10 @@ Example::
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -123,22 +124,27 @@ class State(enum.Enum):
     DONE = "done"  # EXIT, RESPONSE or ERROR seen or sent
 
 
+_SCALARS: Final = (str, int, float, type(None))  # bool is an int
+#: Deepest nesting of a JSON payload: its values are at most this many containers down.
+MAX_DEPTH: Final = 32
+
+
 def _check_json(value: object, where: str, depth: int = 0) -> None:
-    if depth > 32:
-        raise LocalProtocolError(f"{where} nests deeper than 32 levels")
-    if value is None or isinstance(value, bool | int | float | str):
-        return
+    """Raise LocalProtocolError unless *value*, a container at *depth*, is JSON within limits."""
     if isinstance(value, list | tuple):
-        for item in value:
-            _check_json(item, where, depth + 1)
-        return
-    if isinstance(value, Mapping):
-        for key, item in value.items():
+        items: Iterable[object] = value
+    elif isinstance(value, dict | Mapping):
+        for key in value:
             if not isinstance(key, str):
                 raise LocalProtocolError(f"{where} has a non-string key {key!r}")
+        items = value.values()
+    else:
+        raise LocalProtocolError(f"{where} holds {type(value).__name__}, which JSON cannot carry")
+    for item in items:
+        if depth >= MAX_DEPTH:
+            raise LocalProtocolError(f"{where} nests deeper than {MAX_DEPTH} levels")
+        if not isinstance(item, _SCALARS):
             _check_json(item, where, depth + 1)
-        return
-    raise LocalProtocolError(f"{where} holds {type(value).__name__}, which JSON cannot carry")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,8 +277,11 @@ _DATA_STREAMS: Final[dict[Role, tuple[int, ...]]] = {
 }
 
 
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _dump(obj: Mapping[str, object]) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode_json(obj).encode()
 
 
 def _load_object(payload: bytes, what: str) -> dict[str, object]:
@@ -322,14 +331,7 @@ def encode_event(event: Event) -> bytes:
     elif isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
-        fields: dict[str, object] = {
-            "returncode": event.returncode,
-            "timed_out": event.timed_out,
-            "output_limited": event.output_limited,
-        }
-        if event.keep:
-            fields["keep"] = True
-        kind, payload = _EXIT, _dump(fields)
+        return _exit_frame(event)
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
     elif isinstance(event, Started):
@@ -341,6 +343,20 @@ def encode_event(event: Event) -> bytes:
             f"{type(event).__name__} frame of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}"
         )
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
+
+
+@functools.lru_cache(maxsize=256)
+def _exit_frame(event: Exit) -> bytes:
+    """The frame of an EXIT event (a few return codes, over and over: cached)."""
+    fields: dict[str, object] = {
+        "returncode": event.returncode,
+        "timed_out": event.timed_out,
+        "output_limited": event.output_limited,
+    }
+    if event.keep:
+        fields["keep"] = True
+    payload = _dump(fields)
+    return HEADER.pack(MAGIC, VERSION, _EXIT, len(payload)) + payload
 
 
 def decode_frame(kind: int, payload: bytes) -> Event:

@@ -42,7 +42,7 @@ import select
 import signal
 import socket
 import time
-from dataclasses import replace
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
 from ..errors import CommandError, RemoteProtocolError
@@ -354,19 +354,15 @@ def resident_main(  # pragma: no cover - runs in a resident
                     stdout=fds[1],
                     stderr=fds[2],
                 )
-                client = (
-                    None
-                    if len(fds) == _STD_FDS
-                    else _Client(
-                        fds[3],
-                        channel,
+                client = None
+                if len(fds) > _STD_FDS:
+                    client = _Client(fds[3], channel, peer=str(job.get("peer", "")))
+                    client.start(
                         job["timeout"],
                         started=job["started"] is not False,
                         keep=job.get("keep") is True,
                         name=str(job["name"]),
-                        peer=str(job.get("peer", "")),
                     )
-                )
             except (ValueError, KeyError, TypeError, OSError):
                 for fd in fds:
                     with contextlib.suppress(OSError):
@@ -381,7 +377,7 @@ def resident_main(  # pragma: no cover - runs in a resident
                 try:
                     child = _start(spec)
                 except OSError as exc:
-                    _refuse(channel, spec, exc, client)
+                    _refuse(channel, spec, exc, client, keeper.null_fds)
                     break
                 jobs += 1
                 times = os.times()
@@ -394,17 +390,17 @@ def resident_main(  # pragma: no cover - runs in a resident
                     break
                 if retire:
                     client.keep = False
-                _converse(spec, child, channel, wake_r, client, tail)
+                _converse(spec, child, channel, wake_r, client, tail, keeper.null_fds)
                 if not client.kept:
                     break
                 state[0] = 0
-                next_call = keeper.wait(client)
-                if next_call is None:
+                next_spec = keeper.wait(client)
+                if next_spec is None:
                     break
-                if isinstance(next_call, _Quit):
+                if isinstance(next_spec, _Quit):
                     return
                 state[0] = 1
-                spec, client = next_call
+                spec = next_spec
             if retire:
                 return
         elif alive in ready:
@@ -412,10 +408,14 @@ def resident_main(  # pragma: no cover - runs in a resident
 
 
 def _refuse(
-    channel: int, spec: SpawnSpec, exc: OSError, client: _Client | None
+    channel: int,
+    spec: SpawnSpec,
+    exc: OSError,
+    client: _Client | None,
+    shared: Collection[int] = (),
 ) -> None:  # pragma: no cover - runs in a resident
     """The command could not start: tell the daemon, which answers the client."""
-    _close_std(spec)
+    _close_std(spec, shared)
     if client is not None:
         client.close()
     with contextlib.suppress(OSError):
@@ -423,20 +423,26 @@ def _refuse(
 
 
 def _converse(
-    spec: SpawnSpec, child: int, channel: int, wake_r: int, client: _Client, tail: bytes
+    spec: SpawnSpec,
+    child: int,
+    channel: int,
+    wake_r: int,
+    client: _Client,
+    tail: bytes,
+    shared: Collection[int] = (),
 ) -> None:  # pragma: no cover - runs in a resident
     """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT.
 
     On a connection it keeps, the resident reports nothing to the daemon and logs the exit itself.
+    The command's streams are closed, except the *shared* ones (the resident's own).
     """
-    _close_std(spec)
+    _close_std(spec, shared)
     if client.started:
         client.send(Started())
     returncode = _wait(child, channel, wake_r, client)
     _kill_tree(child)
-    exit_frame = Exit(returncode=returncode, timed_out=client.timed_out)
     if client.keep and client.fd >= 0:
-        client.send(replace(exit_frame, keep=True))
+        client.send(Exit(returncode=returncode, timed_out=client.timed_out, keep=True))
         if client.timed_out:
             log.warning("%s: %s timed out", client.peer, client.name)
         log.info("%s: %s exited %d", client.peer, client.name, returncode)
@@ -445,7 +451,7 @@ def _converse(
     # send another; it never hears when it has gone, and then the client gets no EXIT either
     # (the helper stopped).
     if _report_exit(channel, returncode, tail + (TIMED_OUT if client.timed_out else b"")):
-        client.send(exit_frame)
+        client.send(Exit(returncode=returncode, timed_out=client.timed_out))
     client.close()
 
 
@@ -456,35 +462,30 @@ class _Client:
     in the daemon.  Implements :class:`~chroot_helper.services.exec_spawn.Watch`.
     """
 
-    def __init__(
-        self,
-        fd: int,
-        channel: int,
-        timeout: object,
-        *,
-        started: bool = True,
-        keep: bool = False,
-        conn: Connection | None = None,
-        name: str = "",
-        peer: str = "",
-    ) -> None:
-        if timeout is not None and not isinstance(timeout, int | float):
-            raise TypeError("timeout must be a number or null")
-        # The daemon made the socket non-blocking (the flag belongs to the shared open file);
-        # plain reads and writes on the descriptor need no socket object.
+    def __init__(self, fd: int, channel: int, *, peer: str = "") -> None:
+        # The daemon made the socket non-blocking (the flag belongs to the shared open file).
+        # Family, type and protocol given: no system calls to look them up.
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
         self._fd = self.fd = fd
         self._channel = channel
+        self.peer = peer
+        self.conn = Connection(Role.SERVER)
+        self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read REQUEST
+        self.start(None)
+
+    def start(
+        self, timeout: object, *, started: bool = True, keep: bool = False, name: str = ""
+    ) -> None:
+        """Begin a request: its *timeout* (seconds or None), whether to send STARTED, whether to
+        keep the connection afterwards, and the command's name for the log."""
+        if timeout is not None and not isinstance(timeout, int | float):
+            raise TypeError("timeout must be a number or null")
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.timed_out = False
         self.started = started
         #: Keep the connection for the client's next request once this one is over.
         self.keep = keep
         self.name = name
-        self.peer = peer
-        if conn is None:
-            conn = Connection(Role.SERVER)
-            conn.our_state = conn.their_state = State.RUNNING  # the daemon read REQUEST
-        self.conn = conn
 
     @property
     def kept(self) -> bool:
@@ -527,7 +528,7 @@ class _Client:
             os.write(self._fd, frame)  # a few bytes: one write, or the client is gone
 
     def close(self) -> None:
-        os.close(self._fd)
+        self.sock.close()
 
 
 class _Quit:
@@ -563,79 +564,86 @@ class _Keeper:
         self.table = table
         self.identity = identity
         self.idle_timeout = idle_timeout
-        self.null_fds: tuple[int, int] | None = None
+        #: The resident's /dev/null, for reading and for writing: the streams of mode "null".
+        self.null_fds = (
+            os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
+            os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
+        )
         self.buffer = bytearray(_MAX_REQUEST_READ)
+        self.poller = select.poll()
+        for fd in (channel, alive, wake_r):
+            self.poller.register(fd, select.POLLIN)
 
-    def wait(self, client: _Client) -> tuple[SpawnSpec, _Client] | _Quit | None:
-        """The next command to run for *client*, None once the connection has ended (it is
-        closed or back with the daemon), or :data:`_QUIT`."""
+    def wait(self, client: _Client) -> SpawnSpec | _Quit | None:
+        """The next command to run for *client* (which is set up for it), None once the
+        connection has ended (it is closed or back with the daemon), or :data:`_QUIT`."""
         client.conn.start_next_cycle()
-        poller = select.poll()
-        for fd in (client.fd, self.channel, self.alive, self.wake_r):
-            poller.register(fd, select.POLLIN)
+        self.poller.register(client.fd, select.POLLIN)
+        try:
+            return self._next(client)
+        finally:
+            self.poller.unregister(client.fd)
+
+    def _next(self, client: _Client) -> SpawnSpec | _Quit | None:
         deadline = time.monotonic() + self.idle_timeout
         raw = bytearray()
         fds: list[int] = []
-        # Family, type and protocol given: no system calls to look them up.
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, client.fd)
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                ready = dict(poller.poll(max(0.0, remaining) * 1000)) if remaining > 0 else {}
-                if not ready:
-                    self._end(client, fds)  # idle too long (or stuck inside a frame)
-                    return None
-                if self.wake_r in ready:
-                    os.read(self.wake_r, 64)
-                if self.alive in ready:
+        while True:
+            remaining = deadline - time.monotonic()
+            ready = dict(self.poller.poll(remaining * 1000)) if remaining > 0 else {}
+            if not ready:
+                self._end(client, fds)  # idle too long (or stuck inside a frame)
+                return None
+            if self.wake_r in ready:
+                os.read(self.wake_r, 64)
+            if self.alive in ready:
+                self._end(client, fds, report=False)
+                return _QUIT
+            if self.channel in ready:
+                message = os.read(self.channel, 64)
+                if not message:
                     self._end(client, fds, report=False)
                     return _QUIT
-                if self.channel in ready:
-                    message = os.read(self.channel, 64)
-                    if not message:
-                        self._end(client, fds, report=False)
-                        return _QUIT
-                    if _RELEASE_BYTE in message:
-                        self._end(client, fds)
-                        return None
-                if client.fd not in ready:
-                    continue
-                try:
-                    data, more, flags = recv_into(
-                        sock, self.buffer, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-                    )
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    data, more, flags = b"", [], 0
-                fds += more
-                raw += data
-                if flags & socket.MSG_CTRUNC or len(fds) > _STD_FDS:
-                    self._hand_back(client, raw, fds)
-                    return None
-                try:
-                    client.conn.receive_data(data)
-                    event = client.conn.next_event()
-                except RemoteProtocolError:
-                    self._hand_back(client, raw, fds)
-                    return None  # the daemon answers and logs it
-                if event is NEED_DATA:
-                    continue
-                if event is CLOSED:
+                if _RELEASE_BYTE in message:
                     self._end(client, fds)
                     return None
-                run = self._runnable(event, client, fds) if isinstance(event, Request) else None
-                if run is None:
-                    self._hand_back(client, raw, fds)
-                    return None
-                return run
-        finally:
-            sock.detach()
+            if client.fd not in ready:
+                continue
+            try:
+                data, more, flags = recv_into(
+                    client.sock,
+                    self.buffer,
+                    _FD_SPACE,
+                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
+                )
+            except BlockingIOError:
+                continue
+            except OSError:
+                data, more, flags = b"", [], 0
+            fds += more
+            raw += data
+            if flags & socket.MSG_CTRUNC or len(fds) > _STD_FDS:
+                self._hand_back(client, raw, fds)
+                return None
+            try:
+                client.conn.receive_data(data)
+                event = client.conn.next_event()
+            except RemoteProtocolError:
+                self._hand_back(client, raw, fds)
+                return None  # the daemon answers and logs it
+            if event is NEED_DATA:
+                continue
+            if event is CLOSED:
+                self._end(client, fds)
+                return None
+            spec = self._runnable(event, client, fds) if isinstance(event, Request) else None
+            if spec is None:
+                self._hand_back(client, raw, fds)
+            return spec
 
-    def _runnable(
-        self, request: Request, client: _Client, fds: list[int]
-    ) -> tuple[SpawnSpec, _Client] | None:
-        """The command for *request* if this resident may run it as the daemon would."""
+    def _runnable(self, request: Request, client: _Client, fds: list[int]) -> SpawnSpec | None:
+        """The command for *request* if this resident may run it as the daemon would; *client*
+        is then set up for it."""
         if (
             request.op != "exec"
             or request.token is not None
@@ -654,11 +662,6 @@ class _Keeper:
             or self.table.identities[name] != self.identity
         ):
             return None
-        if self.null_fds is None:
-            self.null_fds = (
-                os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC),
-                os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
-            )
         passed = iter(fds)
         streams: list[int] = []
         for index, stream in enumerate(("stdin", "stdout", "stderr")):
@@ -667,20 +670,11 @@ class _Keeper:
                 streams.append(next(passed))
             elif mode == "stdout":
                 streams.append(streams[1])
-            else:  # a copy: the command's streams are closed once it runs
-                streams.append(os.dup(self.null_fds[0 if index == 0 else 1]))
-        spec = self.table.spec(call, streams)
+            else:
+                streams.append(self.null_fds[0 if index == 0 else 1])
         log.debug("%s: exec %s", client.peer, name)
-        return spec, _Client(
-            client.fd,
-            self.channel,
-            call.timeout,
-            started=call.started,
-            keep=True,
-            conn=client.conn,
-            name=name,
-            peer=client.peer,
-        )
+        client.start(call.timeout, started=call.started, keep=True, name=name)
+        return self.table.spec(call, streams)
 
     def _hand_back(self, client: _Client, raw: bytearray, fds: list[int]) -> None:
         try:

@@ -31,6 +31,7 @@ daemon wants the client's connection back from a resident once the command is ov
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import gc
@@ -41,7 +42,7 @@ import select
 import signal
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -274,9 +275,12 @@ def _start_error(spec: SpawnSpec, exc: OSError) -> bytes:  # pragma: no cover - 
     return STATUS_ERROR + f"{spec.argv[0]}: {detail}".encode()[:2000]
 
 
-def _close_std(spec: SpawnSpec) -> None:  # pragma: no cover - runs in a supervisor
+def _close_std(
+    spec: SpawnSpec, shared: Collection[int] = ()
+) -> None:  # pragma: no cover - runs in a supervisor
+    """Close the command's streams once it has them, but not the *shared* ones."""
     for fd in {spec.stdin, spec.stdout, spec.stderr}:
-        if fd > 2:
+        if fd > 2 and fd not in shared:
             os.close(fd)
 
 
@@ -413,8 +417,13 @@ def _children() -> list[int]:  # pragma: no cover
 
 
 def _kill_tree(child: int) -> None:  # pragma: no cover
-    """SIGKILL the command's process group and every descendant left; reap them all."""
-    _signal_group(child, signal.SIGKILL)
+    """SIGKILL the command's process group and every descendant left; reap them all.
+
+    The group alone first: the command itself has usually been reaped (its pid may be reused),
+    and a child still alive outside the group is found among the children below.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child, signal.SIGKILL)
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)

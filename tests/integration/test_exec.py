@@ -48,6 +48,10 @@ env = { LANG = "C.UTF-8" }
 argv = ["/bin/cat", "/proc/net/dev"]
 network = false
 
+[exec.orphans]
+argv = ["/bin/sh", "-c", "i=0; while [ $i -lt 600 ]; do (true &); i=$((i+1)); done; echo done"]
+max_processes = 64
+
 [exec.pidns]
 argv = ["/bin/sh", "-c", "echo $$; sleep 3101 & sleep 3102 & echo started"]
 pid_namespace = true
@@ -172,6 +176,14 @@ def test_background_children_are_gone_after_the_command_ends() -> None:
     done = client.run(["sh", script], capture_output=True)
     assert done.stdout == b"started\n"
     assert processes_with("sleep 340") == []
+
+
+def test_orphans_that_exit_are_reaped_while_the_command_runs() -> None:
+    # 600 double-forked children exit one after another, each re-parented to the supervisor;
+    # zombies count against max_processes until reaped, so the command runs out of processes
+    # unless they are reaped as they exit.
+    done = client.run(["orphans"], capture_output=True)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"done\n", b"")
 
 
 def test_client_disconnect_kills_the_tree(helper: Helper) -> None:

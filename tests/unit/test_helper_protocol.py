@@ -176,6 +176,25 @@ def test_event_constructors_validate() -> None:
         Data(stream=1, data=b"x" * protocol.MAX_DATA_PAYLOAD)
 
 
+def nested(levels: int) -> dict[str, object]:
+    """Params whose deepest value sits *levels* containers below the params object."""
+    value: object = 1
+    for _ in range(levels):
+        value = [value]
+    return {"x": value}
+
+
+def test_json_may_nest_32_levels_and_no_deeper() -> None:
+    Request(op="exec", params=nested(protocol.MAX_DEPTH - 1))
+    with pytest.raises(LocalProtocolError, match="nests deeper than 32 levels"):
+        Request(op="exec", params=nested(protocol.MAX_DEPTH))
+    with pytest.raises(LocalProtocolError, match="non-string key 1"):
+        Request(op="exec", params={"x": {1: "a"}})
+    payload = json.dumps({"op": "exec", "params": nested(protocol.MAX_DEPTH), "fds": 0}).encode()
+    with pytest.raises(RemoteProtocolError, match="nests deeper than 32 levels"):
+        feed(Connection(Role.SERVER), frame(1, payload))
+
+
 def test_buffer_is_compacted_as_frames_are_consumed() -> None:
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     feed(server, client.send(Request(op="exec")))
