@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import selectors
 import socket
 import subprocess
@@ -191,7 +192,8 @@ class _Kept:
     def put(self, address: str, sock: socket.socket, conn: Connection) -> None:
         """Keep *conn* (its request is over, its EXIT kept it) for the next call."""
         conn.start_next_cycle()
-        sock.settimeout(None)
+        if sock.gettimeout() is not None:
+            sock.settimeout(None)
         with self._lock:
             if self._pid == os.getpid() and len(self._idle) < KEEP_IDLE:
                 self._idle.append((address, sock, conn))
@@ -201,13 +203,9 @@ class _Kept:
 
 def _is_idle(sock: socket.socket) -> bool:
     """Open, with nothing unread: the helper has not closed it or sent anything since."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return not poller.poll(0)  # input, end of stream, hang-up and errors all show up
 
 
 _kept = _Kept()
@@ -237,11 +235,12 @@ class _Session:
         *,
         started: bool = True,
         reuse: bool = False,
+        helper: tuple[str, str | None] | None = None,
     ):
         if isinstance(argv, str | bytes) or not argv:
             raise TypeError("argv must be a non-empty list of strings (there is no shell)")
         self.argv = [os.fsdecode(a) for a in argv]
-        address, token = helper_address()
+        address, token = helper or helper_address()
         self.address = address
         self.fds = fds
         #: Bytes received so far (a kept connection that ends before any is :class:`_Stale`).
@@ -474,7 +473,8 @@ def run(
     modes: dict[str, str] = {}
     fds: list[int] = []
     forward: dict[int, int] = {}  # stream -> local fd to copy streamed data to (TCP inherit)
-    unix = _is_unix(helper_address()[0])
+    helper = helper_address()
+    unix = _is_unix(helper[0])
     for index, (name, value) in enumerate(
         (("stdin", stdin), ("stdout", stdout), ("stderr", stderr))
     ):
@@ -501,7 +501,7 @@ def run(
             modes[name] = "fd"
             fds.append(_fileno(value))
     for reuse in (True, False):
-        session = _Session(argv, modes, fds, timeout, started=False, reuse=reuse)
+        session = _Session(argv, modes, fds, timeout, started=False, reuse=reuse, helper=helper)
         out: dict[int, list[bytes]] = {STDOUT: [], STDERR: []}
         try:
             exit_event = _exchange(

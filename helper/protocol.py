@@ -61,8 +61,10 @@ import enum
 import functools
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import not_
 from typing import Final
 
 from .errors import LocalProtocolError, RemoteProtocolError
@@ -115,6 +117,8 @@ class Role(enum.Enum):
     CLIENT = "client"
     SERVER = "server"
 
+    __hash__ = object.__hash__  # members are singletons: identity, without a Python-level call
+
 
 class State(enum.Enum):
     """Life of the single request a connection carries."""
@@ -123,8 +127,12 @@ class State(enum.Enum):
     RUNNING = "running"  # request sent/received, no final frame yet
     DONE = "done"  # EXIT, RESPONSE or ERROR seen or sent
 
+    __hash__ = object.__hash__
+
 
 _SCALARS: Final = (str, int, float, type(None))  # bool is an int
+_SCALAR_TYPES: Final = frozenset({str, int, float, bool, type(None)})
+_STR_TYPE: Final = frozenset({str})
 #: Deepest nesting of a JSON payload: its values are at most this many containers down.
 MAX_DEPTH: Final = 32
 
@@ -132,17 +140,20 @@ MAX_DEPTH: Final = 32
 def _check_json(value: object, where: str, depth: int = 0) -> None:
     """Raise LocalProtocolError unless *value*, a container at *depth*, is JSON within limits."""
     if isinstance(value, list | tuple):
-        items: Iterable[object] = value
+        items: Collection[object] = value
     elif isinstance(value, dict | Mapping):
-        for key in value:
-            if not isinstance(key, str):
-                raise LocalProtocolError(f"{where} has a non-string key {key!r}")
+        if not set(map(type, value)) <= _STR_TYPE:
+            for key in value:
+                if not isinstance(key, str):
+                    raise LocalProtocolError(f"{where} has a non-string key {key!r}")
         items = value.values()
     else:
         raise LocalProtocolError(f"{where} holds {type(value).__name__}, which JSON cannot carry")
-    for item in items:
-        if depth >= MAX_DEPTH:
-            raise LocalProtocolError(f"{where} nests deeper than {MAX_DEPTH} levels")
+    if items and depth >= MAX_DEPTH:
+        raise LocalProtocolError(f"{where} nests deeper than {MAX_DEPTH} levels")
+    # Only the items that are not plain scalars need a look, and finding them takes no loop in
+    # Python: this runs for every frame.
+    for item in compress(items, map(not_, map(_SCALAR_TYPES.__contains__, map(type, items)))):
         if not isinstance(item, _SCALARS):
             _check_json(item, where, depth + 1)
 
@@ -331,7 +342,7 @@ def encode_event(event: Event) -> bytes:
     elif isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
-        return _exit_frame(event)
+        return _exit_frame(event.returncode, event.timed_out, event.output_limited, event.keep)
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
     elif isinstance(event, Started):
@@ -346,17 +357,31 @@ def encode_event(event: Event) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _exit_frame(event: Exit) -> bytes:
+def _exit_frame(returncode: int, timed_out: bool, output_limited: bool, keep: bool) -> bytes:
     """The frame of an EXIT event (a few return codes, over and over: cached)."""
     fields: dict[str, object] = {
-        "returncode": event.returncode,
-        "timed_out": event.timed_out,
-        "output_limited": event.output_limited,
+        "returncode": returncode,
+        "timed_out": timed_out,
+        "output_limited": output_limited,
     }
-    if event.keep:
+    if keep:
         fields["keep"] = True
     payload = _dump(fields)
     return HEADER.pack(MAGIC, VERSION, _EXIT, len(payload)) + payload
+
+
+def _decode_exit(payload: bytes) -> Exit:
+    obj = _load_object(payload, "EXIT")
+    return Exit(
+        returncode=_get_int(obj, "returncode", "EXIT"),
+        timed_out=_get_bool(obj, "timed_out", "EXIT"),
+        output_limited=_get_bool(obj, "output_limited", "EXIT"),
+        keep="keep" in obj and _get_bool(obj, "keep", "EXIT"),
+    )
+
+
+#: The same few EXIT payloads arrive over and over; a peer's junk raises and is not cached.
+_exit_event = functools.lru_cache(maxsize=256)(_decode_exit)
 
 
 def decode_frame(kind: int, payload: bytes) -> Event:
@@ -382,13 +407,7 @@ def decode_frame(kind: int, payload: bytes) -> Event:
             obj = _load_object(payload, "SIGNAL")
             return Signal(signal=_get_int(obj, "signal", "SIGNAL"))
         if kind == _EXIT:
-            obj = _load_object(payload, "EXIT")
-            return Exit(
-                returncode=_get_int(obj, "returncode", "EXIT"),
-                timed_out=_get_bool(obj, "timed_out", "EXIT"),
-                output_limited=_get_bool(obj, "output_limited", "EXIT"),
-                keep="keep" in obj and _get_bool(obj, "keep", "EXIT"),
-            )
+            return _exit_event(payload) if len(payload) <= 128 else _decode_exit(payload)
         if kind == _RESPONSE:
             return Response(result=_load_object(payload, "RESPONSE"))
         if kind == _STARTED:
@@ -414,6 +433,7 @@ class Connection:
 
     def __init__(self, role: Role) -> None:
         self.role = role
+        self._peer = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         self.our_state = State.IDLE
         self.their_state = State.IDLE
         self._buffer = bytearray()
@@ -484,7 +504,7 @@ class Connection:
         return event
 
     def _check_receive(self, event: Event) -> None:
-        them = Role.SERVER if self.role is Role.CLIENT else Role.CLIENT
+        them = self._peer
         allowed = _MAY_SEND.get((them, self.their_state), ())
         if not isinstance(event, allowed):
             raise RemoteProtocolError(

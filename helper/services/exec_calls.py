@@ -21,6 +21,7 @@ from .exec_spawn import SpawnSpec
 
 __all__ = ["Call", "CommandTable", "MODES", "identity_of", "runs_in_resident"]
 
+_PARAMS: Final = frozenset({"command", "args", "stdin", "stdout", "stderr", "timeout", "started"})
 MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
     "stdout": ("pipe", "fd", "null"),
@@ -122,17 +123,8 @@ class CommandTable:
 
     def parse(self, request: Request) -> Call:
         params = request.params
-        unknown = set(params) - {
-            "command",
-            "args",
-            "stdin",
-            "stdout",
-            "stderr",
-            "timeout",
-            "started",
-        }
-        if unknown:
-            raise CommandError(f"unknown exec parameter {sorted(unknown)[0]!r}")
+        if not _PARAMS.issuperset(params):
+            raise CommandError(f"unknown exec parameter {sorted(set(params) - _PARAMS)[0]!r}")
         name = params.get("command")
         if not isinstance(name, str) or not name:
             raise CommandError("exec parameter 'command' must be a non-empty string")
@@ -147,7 +139,7 @@ class CommandTable:
                     f"exec parameter {stream!r} = {mode!r}; expected one of {allowed}"
                 )
             modes[stream] = str(mode)
-        wanted = sum(mode == "fd" for mode in modes.values())
+        wanted = list(modes.values()).count("fd")
         if wanted != request.fds:
             raise CommandError(f"{wanted} streams use mode 'fd' but {request.fds} fds were passed")
         timeout = command.timeout
@@ -175,8 +167,10 @@ def _str_list(value: object, key: str) -> tuple[str, ...]:
 
 
 def _check_args(command: CommandConfig, args: Sequence[str]) -> None:
+    if not args:
+        return
     table = f"[exec.{command.name}]"
-    if command.args == "none" and args:
+    if command.args == "none":
         raise CommandError(f'{table} takes no arguments (args = "none"); got {len(args)}')
     if len(args) > command.max_args:
         raise CommandError(f"{table} allows at most max_args = {command.max_args} arguments")

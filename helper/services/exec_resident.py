@@ -125,6 +125,9 @@ _STD_FDS: Final = 3
 _PR_SET_DUMPABLE: Final = 4
 _MAX_JOB: Final = 256 * 1024
 _FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
+# Plain ints: socket's flag enums would run Python code for each | and &.
+_RECV_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+_MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 
 
 def encode_job(
@@ -327,9 +330,7 @@ def resident_main(  # pragma: no cover - runs in a resident
             os.read(wake_r, 64)  # a signal while idle: there is no tree to kill
         if channel in ready:
             try:
-                data, fds, flags = recv_into(
-                    sock, buffer, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-                )
+                data, fds, flags = recv_into(sock, buffer, _FD_SPACE, _RECV_FLAGS)
             except BlockingIOError:
                 continue
             if not data:
@@ -524,8 +525,10 @@ class _Client:
 
     def send(self, event: Event) -> None:
         frame = self.conn.send(event)
-        with contextlib.suppress(OSError):  # a client that has gone learns nothing more
+        try:
             os.write(self._fd, frame)  # a few bytes: one write, or the client is gone
+        except OSError:
+            pass  # a client that has gone learns nothing more
 
     def close(self) -> None:
         self.sock.close()
@@ -570,6 +573,7 @@ class _Keeper:
             os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
         )
         self.buffer = bytearray(_MAX_REQUEST_READ)
+        self.debug = log.isEnabledFor(logging.DEBUG)
         self.poller = select.poll()
         for fd in (channel, alive, wake_r):
             self.poller.register(fd, select.POLLIN)
@@ -614,7 +618,7 @@ class _Keeper:
                     client.sock,
                     self.buffer,
                     _FD_SPACE,
-                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
+                    _RECV_FLAGS,
                 )
             except BlockingIOError:
                 continue
@@ -622,7 +626,7 @@ class _Keeper:
                 data, more, flags = b"", [], 0
             fds += more
             raw += data
-            if flags & socket.MSG_CTRUNC or len(fds) > _STD_FDS:
+            if flags & _MSG_CTRUNC or len(fds) > _STD_FDS:
                 self._hand_back(client, raw, fds)
                 return None
             try:
@@ -672,7 +676,8 @@ class _Keeper:
                 streams.append(streams[1])
             else:
                 streams.append(self.null_fds[0 if index == 0 else 1])
-        log.debug("%s: exec %s", client.peer, name)
+        if self.debug:
+            log.debug("%s: exec %s", client.peer, name)
         client.start(call.timeout, started=call.started, keep=True, name=name)
         return self.table.spec(call, streams)
 

@@ -77,6 +77,8 @@ FORWARDED_SIGNALS: Final = frozenset(
     }
 )
 _CODE = struct.Struct("!i")
+#: Signals that stop a supervisor: its tree is killed first.
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 _PR_SET_CHILD_SUBREAPER: Final = 36
 _PR_SET_NO_NEW_PRIVS: Final = 38
@@ -377,7 +379,7 @@ def _wait(
                     poller.unregister(fd)
             elif fd == wake_r:
                 data = os.read(wake_r, 64)
-                if any(b in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) for b in data):
+                if _STOP_SIGNALS.intersection(data):
                     _signal_group(child, signal.SIGKILL)
             elif control_open:
                 data = os.read(control_r, 64)
