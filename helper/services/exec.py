@@ -533,7 +533,7 @@ class _Handoff:
 
     * ``X`` the exit status, sent just before the client's EXIT, when the resident does not keep
       the connection: the request ends;
-    * ``E`` the command could not start: the daemon answers the client;
+    * ``E`` the command could not start (then NUL and its name): the daemon answers the client;
     * ``C`` the kept connection ended; ``B`` it is back, with the next request's bytes and
       descriptors, for the daemon to serve (a command of another identity, or piped streams);
     * ``A`` a command runs: the connection ends with it (the answer to a release);
@@ -596,9 +596,8 @@ class _Handoff:
         elif kind == CLOSED_KEPT:
             self._end(reusable=True)
         elif kind == STATUS_ERROR:
-            error = CommandError(
-                f"[exec.{self.name}] could not start: {report[1:].decode(errors='replace')}"
-            )
+            detail, _, name = report[1:].decode(errors="replace").partition("\0")
+            error = CommandError(f"[exec.{name or self.name}] could not start: {detail}")
             log.warning("%s: %s", channel.peer, error)
             channel.send_now(Error(code=error_code(error), message=str(error)))
             self._end(reusable=False)

@@ -415,12 +415,15 @@ def _refuse(
     client: _Client | None,
     shared: Collection[int] = (),
 ) -> None:  # pragma: no cover - runs in a resident
-    """The command could not start: tell the daemon, which answers the client."""
+    """The command could not start: tell the daemon, which answers the client (after a NUL, the
+    command's name: on a kept connection it need not be the one the daemon handed over)."""
     _close_std(spec, shared)
+    report = _start_error(spec, exc)
     if client is not None:
         client.close()
+        report += b"\0" + client.name.encode()
     with contextlib.suppress(OSError):
-        os.write(channel, _start_error(spec, exc))
+        os.write(channel, report)
 
 
 def _converse(

@@ -42,10 +42,16 @@ timeout = 1
 
 
 @pytest.fixture(scope="module")
-def helper() -> Iterator[Helper]:
+def helper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Helper]:
+    # A command only root may execute: the helper accepts it (it checks as root), but it cannot
+    # start as the command's user.
+    root_only = tmp_path_factory.mktemp("root-only") / "root-only"
+    root_only.write_text("#!/bin/sh\necho never\n")
+    root_only.chmod(0o700)
+    commands = f'{COMMANDS}\n[exec.rootonly]\nargv = ["{root_only}"]\n'
     # max_concurrent = 2: an idle kept connection holds a slot until the helper takes it back.
     with running_helper(
-        COMMANDS, helper_table="request_timeout = 2\nmax_concurrent = 2\nmax_per_uid = 2"
+        commands, helper_table="request_timeout = 2\nmax_concurrent = 2\nmax_per_uid = 2"
     ) as run:
         yield run
 
@@ -197,3 +203,14 @@ def test_a_child_process_never_uses_its_parents_connection(tmp_path: Path) -> No
     assert echo("parent again", tmp_path / "out") == 0
     assert sockets() == held
     assert (tmp_path / "out").read_text().splitlines() == ["parent", "child", "parent again"]
+
+
+def test_a_kept_command_that_cannot_start_is_reported_under_its_own_name(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the command runs as another user than the helper")
+    out = tmp_path / "out"
+    assert echo("first", out) == 0  # the connection is kept by a resident of this identity
+    with pytest.raises(CommandError, match=r"^\[exec\.rootonly\] could not start: .*denied"):
+        client.run(["rootonly"], stdin=client.DEVNULL, stdout=client.DEVNULL)
+    assert echo("after", out) == 0
+    assert out.read_text() == "first\nafter\n"
