@@ -154,8 +154,11 @@ def _check_json(value: object, where: str, depth: int = 0) -> None:
     # Only the items that are not plain scalars need a look, and finding them takes no loop in
     # Python: this runs for every frame.
     for item in compress(items, map(not_, map(_SCALAR_TYPES.__contains__, map(type, items)))):
-        if not isinstance(item, _SCALARS):
-            _check_json(item, where, depth + 1)
+        if isinstance(item, _SCALARS):
+            continue
+        if type(item) is list and set(map(type, item)) <= _SCALAR_TYPES and depth + 1 < MAX_DEPTH:
+            continue  # a list of plain scalars (exec's args) needs no call of its own
+        _check_json(item, where, depth + 1)
 
 
 @dataclass(frozen=True, kw_only=True)
