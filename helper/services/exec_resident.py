@@ -20,7 +20,8 @@ the resident talks to the client itself; while a command runs, control bytes (se
 :mod:`~chroot_helper.services.exec_spawn`).  Resident -> daemon: the status messages of
 :mod:`~chroot_helper.services.exec_spawn`, where the exit message ends with :data:`RETIRING`
 when the resident exits after this command: after :data:`MAX_JOBS` commands, or once its own CPU
-time reaches half its RLIMIT_CPU (the limit applies to the resident too).  EOF on the channel
+time reaches half its RLIMIT_CPU (the limit applies to the resident too), and the error message
+for a client's connection ends with a NUL and the command's name.  EOF on the channel
 kills a running tree and ends the resident; an idle resident also ends when the forker has gone.
 
 A resident that talks to a client over the Unix socket keeps the connection after the command
@@ -341,6 +342,7 @@ def resident_main(  # pragma: no cover - runs in a resident
                 for fd in fds:  # a control byte that came after the command ended, or junk
                     os.close(fd)
                 continue
+            client: _Client | None = None
             try:
                 job = json.loads(data)
                 spec = SpawnSpec(
@@ -355,7 +357,6 @@ def resident_main(  # pragma: no cover - runs in a resident
                     stdout=fds[1],
                     stderr=fds[2],
                 )
-                client = None
                 if len(fds) > _STD_FDS:
                     client = _Client(fds[3], channel, peer=str(job.get("peer", "")))
                     client.start(
@@ -365,6 +366,8 @@ def resident_main(  # pragma: no cover - runs in a resident
                         name=str(job["name"]),
                     )
             except (ValueError, KeyError, TypeError, OSError):
+                if client is not None:
+                    client.sock.detach()  # its descriptor is closed below, with the others
                 for fd in fds:
                     with contextlib.suppress(OSError):
                         os.close(fd)
