@@ -65,7 +65,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import not_
-from typing import Final
+from typing import Final, Literal
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -92,6 +92,8 @@ __all__ = [
     "NEED_DATA",
     "CLOSED",
     "Connection",
+    "exit_frame",
+    "request_payload",
 ]
 
 MAGIC: Final = b"CH"
@@ -345,7 +347,7 @@ def encode_event(event: Event) -> bytes:
     elif isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
-        return _exit_frame(event.returncode, event.timed_out, event.output_limited, event.keep)
+        return exit_frame(event.returncode, event.timed_out, event.output_limited, event.keep)
     elif isinstance(event, Response):
         kind, payload = _RESPONSE, _dump(event.result)
     elif isinstance(event, Started):
@@ -360,8 +362,10 @@ def encode_event(event: Event) -> bytes:
 
 
 @functools.lru_cache(maxsize=256)
-def _exit_frame(returncode: int, timed_out: bool, output_limited: bool, keep: bool) -> bytes:
-    """The frame of an EXIT event (a few return codes, over and over: cached)."""
+def exit_frame(returncode: int, timed_out: bool, output_limited: bool, keep: bool) -> bytes:
+    """The frame of ``Exit(returncode, timed_out, output_limited, keep)``, without building the
+    event or checking any state: for a server that tracks its one request itself.  A few return
+    codes come over and over: cached."""
     fields: dict[str, object] = {
         "returncode": returncode,
         "timed_out": timed_out,
@@ -426,6 +430,27 @@ def decode_frame(kind: int, payload: bytes) -> Event:
         # Event constructors raise LocalProtocolError; here the bytes came from the peer.
         raise RemoteProtocolError(str(exc)) from None
     raise RemoteProtocolError(f"unknown frame type {kind}")
+
+
+def request_payload(
+    buffer: bytes | bytearray,
+) -> bytes | Literal[_Sentinel.NEED_DATA] | None:
+    """The payload of the REQUEST frame that makes up all of *buffer*, without a Connection.
+
+    Returns :data:`NEED_DATA` while *buffer* can still become one, and None when it cannot
+    (another frame type, a bad header, or bytes after the frame): a :class:`Connection` fed the
+    same bytes says what is wrong.  For a server that expects one request and nothing after it.
+    """
+    size = len(buffer)
+    if size < HEADER.size:
+        return NEED_DATA
+    magic, version, kind, length = HEADER.unpack_from(buffer)
+    if magic != MAGIC or version != VERSION or kind != _REQUEST or length > MAX_JSON_PAYLOAD:
+        return None
+    end = HEADER.size + length
+    if size != end:
+        return NEED_DATA if size < end else None
+    return bytes(buffer[HEADER.size :])
 
 
 class Connection:

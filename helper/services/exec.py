@@ -204,7 +204,7 @@ class ExecService(Service):
         """Run one command for *channel*'s peer and stream its output and exit status."""
         passed = channel.take_fds()
         try:
-            call = self.table.parse(request)
+            call = self.table.parse(request.params, request.fds)
         except BaseException:
             _close_all(passed)
             raise

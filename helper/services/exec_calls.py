@@ -16,12 +16,12 @@ from typing import Final
 
 from ..config import CommandConfig
 from ..errors import CommandError
-from ..protocol import Request
 from .exec_spawn import SpawnSpec
 
 __all__ = ["Call", "CommandTable", "MODES", "identity_of", "runs_in_resident"]
 
 _PARAMS: Final = frozenset({"command", "args", "stdin", "stdout", "stderr", "timeout", "started"})
+_STR_TYPE: Final = frozenset({str})
 MODES: Final = {
     "stdin": ("pipe", "fd", "null"),
     "stdout": ("pipe", "fd", "null"),
@@ -121,15 +121,20 @@ class CommandTable:
             pid_namespace=cmd.pid_namespace,
         )
 
-    def parse(self, request: Request) -> Call:
-        params = request.params
+    def parse(self, params: Mapping[str, object], fds: int) -> Call:
+        """Check an exec request's *params*, which came with *fds* descriptors.
+
+        :raises CommandError: what is not allowed, and what to change.
+        """
         if not _PARAMS.issuperset(params):
             raise CommandError(f"unknown exec parameter {sorted(set(params) - _PARAMS)[0]!r}")
         name = params.get("command")
         if not isinstance(name, str) or not name:
             raise CommandError("exec parameter 'command' must be a non-empty string")
         command = self.resolve(name)
-        args = _str_list(params.get("args", []), "args")
+        args = params.get("args", [])
+        if type(args) is not list or not set(map(type, args)) <= _STR_TYPE:
+            raise CommandError("exec parameter 'args' must be a list of strings")
         _check_args(command, args)
         modes = {}
         for stream, allowed in MODES.items():
@@ -140,8 +145,8 @@ class CommandTable:
                 )
             modes[stream] = str(mode)
         wanted = list(modes.values()).count("fd")
-        if wanted != request.fds:
-            raise CommandError(f"{wanted} streams use mode 'fd' but {request.fds} fds were passed")
+        if wanted != fds:
+            raise CommandError(f"{wanted} streams use mode 'fd' but {fds} fds were passed")
         timeout = command.timeout
         asked = params.get("timeout")
         if asked is not None:
@@ -151,19 +156,19 @@ class CommandTable:
         started = params.get("started", True)
         if not isinstance(started, bool):
             raise CommandError(f"exec parameter 'started' = {started!r}; expected true or false")
-        return Call(command=command, args=args, modes=modes, timeout=timeout, started=started)
+        return Call(
+            command=command,
+            args=tuple(args),
+            modes=modes,
+            timeout=timeout,
+            started=started,
+        )
 
 
 def runs_in_resident(cmd: CommandConfig) -> bool:
     """Whether resident supervisors run *cmd*: it needs no namespace of its own (see
     :mod:`~chroot_helper.services.exec_resident`)."""
     return cmd.network and not cmd.pid_namespace
-
-
-def _str_list(value: object, key: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise CommandError(f"exec parameter {key!r} must be a list of strings")
-    return tuple(value)
 
 
 def _check_args(command: CommandConfig, args: Sequence[str]) -> None:

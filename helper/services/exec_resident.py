@@ -43,8 +43,8 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Final
+from collections.abc import Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from ..errors import CommandError, RemoteProtocolError
 from ..fdpass import ancillary_space, recv_into, scm_rights
@@ -55,13 +55,13 @@ from ..protocol import (
     NEED_DATA,
     Connection,
     Error,
-    Event,
-    Exit,
-    Request,
     Role,
     Signal,
     Started,
     State,
+    encode_event,
+    exit_frame,
+    request_payload,
 )
 from .exec_calls import CommandTable, runs_in_resident
 from .exec_spawn import (
@@ -129,6 +129,19 @@ _FD_SPACE: Final = ancillary_space(_STD_FDS + 1)
 # Plain ints: socket's flag enums would run Python code for each | and &.
 _RECV_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
+_STARTED_FRAME: Final = encode_event(Started())
+_decode_json = json.JSONDecoder().decode
+
+
+class _Job(NamedTuple):
+    """One command for a resident: what :func:`~chroot_helper.services.exec_spawn._start` needs
+    (the resident already has the command's identity)."""
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    #: stdin, stdout, stderr
+    streams: tuple[int, int, int]
 
 
 def encode_job(
@@ -345,18 +358,7 @@ def resident_main(  # pragma: no cover - runs in a resident
             client: _Client | None = None
             try:
                 job = json.loads(data)
-                spec = SpawnSpec(
-                    argv=job["argv"],
-                    env=job["env"],
-                    cwd=job["cwd"],
-                    uid=base.uid,
-                    gid=base.gid,
-                    groups=base.groups,
-                    rlimits=base.rlimits,
-                    stdin=fds[0],
-                    stdout=fds[1],
-                    stderr=fds[2],
-                )
+                command = _Job(tuple(job["argv"]), job["env"], job["cwd"], (fds[0], fds[1], fds[2]))
                 if len(fds) > _STD_FDS:
                     client = _Client(fds[3], channel, peer=str(job.get("peer", "")))
                     client.start(
@@ -375,13 +377,13 @@ def resident_main(  # pragma: no cover - runs in a resident
                     os.write(channel, STATUS_ERROR + b"malformed job")
                 continue
             if failure is not None:
-                _refuse(channel, spec, failure, client)
+                _refuse(channel, command, failure, client)
                 return
             while True:  # the job, then the kept connection's next requests
                 try:
-                    child = _start(spec)
+                    child = _start(command.argv, command.env, command.cwd, command.streams)
                 except OSError as exc:
-                    _refuse(channel, spec, exc, client, keeper.null_fds)
+                    _refuse(channel, command, exc, client, keeper.null_fds)
                     break
                 jobs += 1
                 times = os.times()
@@ -390,21 +392,21 @@ def resident_main(  # pragma: no cover - runs in a resident
                 )
                 tail = RETIRING if retire else b""
                 if client is None:
-                    _supervise(spec, child, channel, channel, wake_r, tail)
+                    _supervise(command.streams, child, channel, channel, wake_r, tail)
                     break
                 if retire:
                     client.keep = False
-                _converse(spec, child, channel, wake_r, client, tail, keeper.null_fds)
-                if not client.kept:
+                streams = command.streams
+                if not _converse(streams, child, channel, wake_r, client, tail, keeper.null_fds):
                     break
                 state[0] = 0
-                next_spec = keeper.wait(client)
-                if next_spec is None:
+                next_command = keeper.wait(client)
+                if next_command is None:
                     break
-                if isinstance(next_spec, _Quit):
+                if isinstance(next_command, _Quit):
                     return
                 state[0] = 1
-                spec = next_spec
+                command = next_command
             if retire:
                 return
         elif alive in ready:
@@ -413,15 +415,15 @@ def resident_main(  # pragma: no cover - runs in a resident
 
 def _refuse(
     channel: int,
-    spec: SpawnSpec,
+    command: _Job,
     exc: OSError,
     client: _Client | None,
     shared: Collection[int] = (),
 ) -> None:  # pragma: no cover - runs in a resident
     """The command could not start: tell the daemon, which answers the client (after a NUL, the
     command's name: on a kept connection it need not be the one the daemon handed over)."""
-    _close_std(spec, shared)
-    report = _start_error(spec, exc)
+    _close_std(command.streams, shared)
+    report = _start_error(command.argv[0], exc)
     if client is not None:
         client.close()
         report += b"\0" + client.name.encode()
@@ -430,36 +432,39 @@ def _refuse(
 
 
 def _converse(
-    spec: SpawnSpec,
+    streams: Sequence[int],
     child: int,
     channel: int,
     wake_r: int,
     client: _Client,
     tail: bytes,
     shared: Collection[int] = (),
-) -> None:  # pragma: no cover - runs in a resident
-    """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT.
+) -> bool:  # pragma: no cover - runs in a resident
+    """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT.  Return
+    whether the connection is kept for the client's next request.
 
     On a connection it keeps, the resident reports nothing to the daemon and logs the exit itself.
-    The command's streams are closed, except the *shared* ones (the resident's own).
+    The command's *streams* are closed, except the *shared* ones (the resident's own).
     """
-    _close_std(spec, shared)
+    _close_std(streams, shared)
     if client.started:
-        client.send(Started())
+        client.write(_STARTED_FRAME)
     returncode = _wait(child, channel, wake_r, client)
     _kill_tree(child)
+    timed_out = client.timed_out
     if client.keep and client.fd >= 0:
-        client.send(Exit(returncode=returncode, timed_out=client.timed_out, keep=True))
-        if client.timed_out:
+        client.write(exit_frame(returncode, timed_out, False, True))
+        if timed_out:
             log.warning("%s: %s timed out", client.peer, client.name)
         log.info("%s: %s exited %d", client.peer, client.name, returncode)
-        return
+        return True
     # The daemon hears first, so it has counted the request as over by the time the client can
     # send another; it never hears when it has gone, and then the client gets no EXIT either
     # (the helper stopped).
-    if _report_exit(channel, returncode, tail + (TIMED_OUT if client.timed_out else b"")):
-        client.send(Exit(returncode=returncode, timed_out=client.timed_out))
+    if _report_exit(channel, returncode, tail + (TIMED_OUT if timed_out else b"")):
+        client.write(exit_frame(returncode, timed_out, False, False))
     client.close()
+    return False
 
 
 class _Client:
@@ -476,8 +481,6 @@ class _Client:
         self._fd = self.fd = fd
         self._channel = channel
         self.peer = peer
-        self.conn = Connection(Role.SERVER)
-        self.conn.our_state = self.conn.their_state = State.RUNNING  # the daemon read REQUEST
         self.start(None)
 
     def start(
@@ -493,10 +496,8 @@ class _Client:
         #: Keep the connection for the client's next request once this one is over.
         self.keep = keep
         self.name = name
-
-    @property
-    def kept(self) -> bool:
-        return self.conn.kept and self.fd >= 0
+        #: What the client sends while the command runs (rarely anything): made when it does.
+        self.conn: Connection | None = None
 
     def readable(self) -> list[int]:
         try:
@@ -505,10 +506,14 @@ class _Client:
             return []
         except OSError:
             data = b""
+        conn = self.conn
+        if conn is None:
+            conn = self.conn = Connection(Role.SERVER)
+            conn.our_state = conn.their_state = State.RUNNING  # its REQUEST has been read
         signals: list[int] = []
         try:
-            self.conn.receive_data(data)
-            while (event := self.conn.next_event()) is not NEED_DATA:
+            conn.receive_data(data)
+            while (event := conn.next_event()) is not NEED_DATA:
                 if event is CLOSED:
                     raise RemoteProtocolError("the client hung up")
                 if isinstance(event, Signal) and event.signal in FORWARDED_SIGNALS:
@@ -529,8 +534,8 @@ class _Client:
         with contextlib.suppress(OSError):
             os.write(self._channel, BUSY)
 
-    def send(self, event: Event) -> None:
-        frame = self.conn.send(event)
+    def write(self, frame: bytes) -> None:
+        """Send *frame*, a STARTED or EXIT frame (the client may have gone)."""
         try:
             os.write(self._fd, frame)  # a few bytes: one write, or the client is gone
         except OSError:
@@ -571,7 +576,12 @@ class _Keeper:
         self.alive = alive
         self.wake_r = wake_r
         self.table = table
-        self.identity = identity
+        #: The commands this resident may run itself: its identity, no namespace of their own.
+        self.local = frozenset(
+            name
+            for name, command in table.commands.items()
+            if runs_in_resident(command) and table.identities[name] == identity
+        )
         self.idle_timeout = idle_timeout
         #: The resident's /dev/null, for reading and for writing: the streams of mode "null".
         self.null_fds = (
@@ -584,19 +594,18 @@ class _Keeper:
         for fd in (channel, alive, wake_r):
             self.poller.register(fd, select.POLLIN)
 
-    def wait(self, client: _Client) -> SpawnSpec | _Quit | None:
+    def wait(self, client: _Client) -> _Job | _Quit | None:
         """The next command to run for *client* (which is set up for it), None once the
         connection has ended (it is closed or back with the daemon), or :data:`_QUIT`."""
-        client.conn.start_next_cycle()
         self.poller.register(client.fd, select.POLLIN)
         try:
             return self._next(client)
         finally:
             self.poller.unregister(client.fd)
 
-    def _next(self, client: _Client) -> SpawnSpec | _Quit | None:
+    def _next(self, client: _Client) -> _Job | _Quit | None:
         deadline = time.monotonic() + self.idle_timeout
-        raw = bytearray()
+        raw = b""
         fds: list[int] = []
         while True:
             remaining = deadline - time.monotonic()
@@ -632,64 +641,59 @@ class _Keeper:
                 data, more, flags = b"", [], 0
             fds += more
             raw += data
-            if flags & _MSG_CTRUNC or len(fds) > _STD_FDS:
-                self._hand_back(client, raw, fds)
+            if not data and not raw:
+                self._end(client, fds)  # the client closed it between requests
                 return None
-            try:
-                client.conn.receive_data(data)
-                event = client.conn.next_event()
-            except RemoteProtocolError:
-                self._hand_back(client, raw, fds)
-                return None  # the daemon answers and logs it
-            if event is NEED_DATA:
+            if not data or flags & _MSG_CTRUNC or len(fds) > _STD_FDS:
+                self._hand_back(client, raw, fds)  # the daemon answers and logs it
+                return None
+            payload = request_payload(raw)
+            if payload is NEED_DATA:
                 continue
-            if event is CLOSED:
-                self._end(client, fds)
-                return None
-            spec = self._runnable(event, client, fds) if isinstance(event, Request) else None
-            if spec is None:
+            job = None if payload is None else self._runnable(payload, client, fds)
+            if job is None:
                 self._hand_back(client, raw, fds)
-            return spec
+            return job
 
-    def _runnable(self, request: Request, client: _Client, fds: list[int]) -> SpawnSpec | None:
-        """The command for *request* if this resident may run it as the daemon would; *client*
-        is then set up for it."""
-        if (
-            request.op != "exec"
-            or request.token is not None
-            or request.fds != len(fds)
-            or client.conn.buffered
-        ):
+    def _runnable(self, payload: bytes, client: _Client, fds: list[int]) -> _Job | None:
+        """The command for a REQUEST's *payload* if this resident may run it as the daemon would;
+        *client* is then set up for it.  Anything else, valid or not, is the daemon's to answer."""
+        if client.conn is not None and client.conn.buffered:
+            return None  # part of a frame sent while the last command ran
+        try:
+            request = _decode_json(payload.decode())
+        except (ValueError, RecursionError):
+            return None
+        if type(request) is not dict or request.get("op") != "exec":
+            return None
+        if request.get("token") is not None:
+            return None  # for the daemon to check (and refuse: this is the Unix socket)
+        params = request.get("params")
+        passed = request.get("fds")
+        if type(params) is not dict or type(passed) is not int or passed != len(fds):
             return None
         try:
-            call = self.table.parse(request)
+            call = self.table.parse(params, passed)
         except CommandError:
             return None
         name = call.command.name
-        if (
-            call.piped
-            or not runs_in_resident(call.command)  # its supervisor must unshare, as root
-            or self.table.identities[name] != self.identity
-        ):
+        if name not in self.local or call.piped:
             return None
-        passed = iter(fds)
-        streams: list[int] = []
-        for index, stream in enumerate(("stdin", "stdout", "stderr")):
-            mode = call.modes[stream]
-            if mode == "fd":
-                streams.append(next(passed))
-            elif mode == "stdout":
-                streams.append(streams[1])
-            else:
-                streams.append(self.null_fds[0 if index == 0 else 1])
+        modes = call.modes
+        fd = iter(fds)
+        stdin = next(fd) if modes["stdin"] == "fd" else self.null_fds[0]
+        stdout = next(fd) if modes["stdout"] == "fd" else self.null_fds[1]
+        mode = modes["stderr"]
+        stderr = next(fd) if mode == "fd" else stdout if mode == "stdout" else self.null_fds[1]
         if self.debug:
             log.debug("%s: exec %s", client.peer, name)
         client.start(call.timeout, started=call.started, keep=True, name=name)
-        return self.table.spec(call, streams)
+        command = call.command
+        return _Job(call.argv, command.env, command.cwd, (stdin, stdout, stderr))
 
-    def _hand_back(self, client: _Client, raw: bytearray, fds: list[int]) -> None:
+    def _hand_back(self, client: _Client, raw: bytes, fds: list[int]) -> None:
         try:
-            _send_message(self.channel, HANDED_BACK + bytes(raw), fds)
+            _send_message(self.channel, HANDED_BACK + raw, fds)
         except OSError:  # the daemon cannot take it: end the connection instead
             self._end(client, fds)
             return

@@ -42,7 +42,7 @@ import select
 import signal
 import struct
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -128,6 +128,11 @@ class SpawnSpec:
     stderr: int
     network: bool = True
     pid_namespace: bool = False
+
+    @property
+    def streams(self) -> tuple[int, int, int]:
+        """The command's stdin, stdout and stderr."""
+        return self.stdin, self.stdout, self.stderr
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,18 +256,22 @@ def _enter(spec: SpawnSpec) -> None:  # pragma: no cover - runs in a supervisor
         resource.setrlimit(res, (limit, hard))
 
 
-def _start(spec: SpawnSpec) -> int:  # pragma: no cover - runs in a supervisor
-    """Step 5: ``posix_spawn`` the command in a new session; return its pid."""
-    os.chdir(spec.cwd)
+def _start(
+    argv: tuple[str, ...], env: Mapping[str, str], cwd: str, streams: Sequence[int]
+) -> int:  # pragma: no cover - runs in a supervisor
+    """Step 5: ``posix_spawn`` *argv* in a new session, *streams* as its fds 0, 1 and 2; return
+    its pid."""
+    os.chdir(cwd)
+    stdin, stdout, stderr = streams
     actions = [
-        (os.POSIX_SPAWN_DUP2, spec.stdin, 0),
-        (os.POSIX_SPAWN_DUP2, spec.stdout, 1),
-        (os.POSIX_SPAWN_DUP2, spec.stderr, 2),
+        (os.POSIX_SPAWN_DUP2, stdin, 0),
+        (os.POSIX_SPAWN_DUP2, stdout, 1),
+        (os.POSIX_SPAWN_DUP2, stderr, 2),
     ]
     return os.posix_spawn(
-        spec.argv[0],
-        list(spec.argv),
-        spec.env,
+        argv[0],
+        argv,
+        env,
         file_actions=actions,
         setsid=True,
         setsigmask=(),
@@ -270,27 +279,33 @@ def _start(spec: SpawnSpec) -> int:  # pragma: no cover - runs in a supervisor
     )
 
 
-def _start_error(spec: SpawnSpec, exc: OSError) -> bytes:  # pragma: no cover - in a supervisor
+def _start_error(path: str, exc: OSError) -> bytes:  # pragma: no cover - in a supervisor
+    """The status message for a command at *path* that could not start."""
     detail = exc.strerror or str(exc)
     if exc.errno == errno.EAGAIN:
         detail += " (the user already runs max_processes processes; raise max_processes)"
-    return STATUS_ERROR + f"{spec.argv[0]}: {detail}".encode()[:2000]
+    return STATUS_ERROR + f"{path}: {detail}".encode()[:2000]
 
 
 def _close_std(
-    spec: SpawnSpec, shared: Collection[int] = ()
+    streams: Sequence[int], shared: Collection[int] = ()
 ) -> None:  # pragma: no cover - runs in a supervisor
-    """Close the command's streams once it has them, but not the *shared* ones."""
-    for fd in {spec.stdin, spec.stdout, spec.stderr}:
+    """Close the command's *streams* once it has them, but not the *shared* ones."""
+    for fd in set(streams):
         if fd > 2 and fd not in shared:
             os.close(fd)
 
 
 def _supervise(
-    spec: SpawnSpec, child: int, status_w: int, control_r: int, wake_r: int, tail: bytes = b""
+    streams: Sequence[int],
+    child: int,
+    status_w: int,
+    control_r: int,
+    wake_r: int,
+    tail: bytes = b"",
 ) -> None:  # pragma: no cover - runs in a supervisor
     """Step 6: report the start, wait, kill and reap the tree, report the exit (plus *tail*)."""
-    _close_std(spec)
+    _close_std(streams)
     try:
         os.write(status_w, STATUS_STARTED)
     except OSError:
@@ -314,11 +329,11 @@ def _run(spec: SpawnSpec, status_w: int, control_r: int, wake_r: int) -> None:  
     """Steps 3 to 6 for one command, in a supervisor that exits afterwards."""
     try:
         _enter(spec)
-        child = _start(spec)
+        child = _start(tuple(spec.argv), spec.env, spec.cwd, spec.streams)
     except OSError as exc:
-        os.write(status_w, _start_error(spec, exc))
+        os.write(status_w, _start_error(spec.argv[0], exc))
         return
-    _supervise(spec, child, status_w, control_r, wake_r)
+    _supervise(spec.streams, child, status_w, control_r, wake_r)
 
 
 class Watch(Protocol):

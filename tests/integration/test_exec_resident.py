@@ -16,7 +16,7 @@ import pytest
 from chroot_helper.config import parse_config
 from chroot_helper.fdpass import scm_rights
 from chroot_helper.privileges import CAP_SETGID, CAP_SETUID
-from chroot_helper.protocol import Connection, Exit, Request, Role, State
+from chroot_helper.protocol import Connection, Exit, Role, State
 from chroot_helper.services.exec_calls import CommandTable
 from chroot_helper.services.exec_forker import Forker
 from chroot_helper.services.exec_resident import encode_job
@@ -60,7 +60,7 @@ def report(channel: socket.socket) -> bytes:
 
 def test_a_malformed_job_is_refused_and_the_next_job_keeps_its_descriptors() -> None:
     table = CommandTable(parse_config(tomllib.loads(CONFIG)).commands)
-    call = table.parse(Request(op="exec", params={"command": "echo", "args": ["next"]}))
+    call = table.parse({"command": "echo", "args": ["next"]}, 0)
     spec = table.spec(call, [0, 1, 2])  # the descriptors travel beside the job, not in it
     forker = Forker.start(frozenset({CAP_SETUID, CAP_SETGID}), table, pool=False)
 

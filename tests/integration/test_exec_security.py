@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,30 +40,45 @@ def helper() -> Iterator[Helper]:
 
 def _raw_exchange(path: str, payload: bytes, fds: list[int] | None = None) -> list[object]:
     """Send raw bytes (and fds); return the events the helper answers with."""
-    conn = protocol.Connection(protocol.Role.CLIENT)
-    conn.our_state = conn.their_state = protocol.State.RUNNING  # read whatever it sends
-    events: list[object] = []
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
         sock.connect(path)
-        anc = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
+        return _send_raw(sock, payload, fds)
+
+
+def _send_raw(sock: socket.socket, payload: bytes, fds: list[int] | None = None) -> list[object]:
+    """Send raw bytes (and fds) on *sock*; return the events the helper answers with, up to the
+    end of the connection or an EXIT that keeps it."""
+    conn = protocol.Connection(protocol.Role.CLIENT)
+    conn.our_state = conn.their_state = protocol.State.RUNNING  # read whatever it sends
+    events: list[object] = []
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    try:
+        sock.sendmsg([payload], anc)
+    except BrokenPipeError:
+        pass
+    while True:
         try:
-            sock.sendmsg([payload], anc)
-        except BrokenPipeError:
-            pass
-        while True:
-            try:
-                data = sock.recv(65536)
-            except ConnectionResetError:
-                data = b""
-            conn.receive_data(data)
-            while (event := conn.next_event()) not in (protocol.NEED_DATA, protocol.CLOSED):
-                events.append(event)
-            last = events[-1] if events else None
-            if not data or isinstance(last, protocol.Exit) and last.keep:
-                return events  # the end, or a kept connection that waits for another request
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            data = b""
+        conn.receive_data(data)
+        while (event := conn.next_event()) not in (protocol.NEED_DATA, protocol.CLOSED):
+            events.append(event)
+        last = events[-1] if events else None
+        if not data or isinstance(last, protocol.Exit) and last.keep:
+            return events  # the end, or a kept connection that waits for another request
+
+
+@contextlib.contextmanager
+def _kept_connection(path: str) -> Iterator[socket.socket]:
+    """A connection the helper keeps after a first request (a resident waits on it)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(path)
+        first = _send_raw(sock, _request_frame({"command": "echo", "started": False}))
+        assert first == [protocol.Exit(returncode=0, keep=True)]
+        yield sock
 
 
 def _request_frame(params: dict[str, object], fds: int = 0) -> bytes:
@@ -96,18 +112,20 @@ def test_allowed_uid_is_served(helper: Helper) -> None:
     assert done.stdout.strip() == "b'www\\n'"
 
 
-@pytest.mark.parametrize(
-    "payload",
-    [
-        pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
-        pytest.param(b"\x00" * 64, id="zeros"),
-        pytest.param(protocol.HEADER.pack(b"CH", 9, 1, 2) + b"{}", id="bad-version"),
-        pytest.param(protocol.HEADER.pack(b"CH", 1, 77, 2) + b"{}", id="unknown-type"),
-        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 5) + b"[1,2]", id="json-array"),
-        pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 1 << 30), id="oversized"),
-        pytest.param(protocol.HEADER.pack(b"CH", 1, 2, 3) + b"\x00ab", id="data-before-request"),
-    ],
-)
+GARBAGE = [
+    pytest.param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", id="http"),
+    pytest.param(b"\x00" * 64, id="zeros"),
+    pytest.param(protocol.HEADER.pack(b"CH", 9, 1, 2) + b"{}", id="bad-version"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 77, 2) + b"{}", id="unknown-type"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 5) + b"[1,2]", id="json-array"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 1 << 30), id="oversized"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 2, 3) + b"\x00ab", id="data-before-request"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 2) + b"\xff}", id="not-utf-8"),
+    pytest.param(protocol.HEADER.pack(b"CH", 1, 1, 200) + b"[" * 100 + b"]" * 100, id="deep"),
+]
+
+
+@pytest.mark.parametrize("payload", GARBAGE)
 def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(
     payload: bytes, helper: Helper
 ) -> None:
@@ -124,6 +142,132 @@ def test_garbage_gets_an_error_frame_and_the_helper_keeps_serving(
         busy.stdin.flush()
         assert busy.stdout.readline() == b"alive\n"
         busy.stdin.close()
+    _assert_still_serving()
+
+
+@pytest.mark.parametrize("payload", GARBAGE)
+def test_garbage_on_a_kept_connection_gets_the_same_error_frame(
+    payload: bytes, helper: Helper
+) -> None:
+    with _kept_connection(helper.socket) as sock:
+        events = _send_raw(sock, payload)
+    assert len(events) == 1
+    assert isinstance(events[0], protocol.Error)
+    assert events[0].code == "protocol"
+    assert events[0] == _raw_exchange(helper.socket, payload)[0]
+    _assert_still_serving()
+
+
+def test_a_kept_connection_refuses_bad_parameters_with_the_same_message(helper: Helper) -> None:
+    for params in (
+        {"command": "echo", "args": "not a list"},
+        {"command": "echo", "args": ["\ud800"]},
+        {"command": "echo", "stdout": "fd"},
+        {"command": "echo", "started": "no"},
+        {"command": "echo", "timeout": True},
+        {"command": "rm"},
+        {"command": "echo", "shell": True},
+    ):
+        with _kept_connection(helper.socket) as sock:
+            events = _send_raw(sock, _request_frame(params))
+        assert len(events) == 1
+        assert isinstance(events[0], protocol.Error)
+        assert events[0].code == "command"
+        assert events == _raw_exchange(helper.socket, _request_frame(params))
+    _assert_still_serving()
+
+
+def test_a_kept_connection_reads_a_request_that_arrives_in_pieces(helper: Helper) -> None:
+    r, w = os.pipe()
+    try:
+        frame = _request_frame({"command": "echo", "args": ["in pieces"], "stdout": "fd"}, fds=1)
+        with _kept_connection(helper.socket) as sock:
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w]).tobytes())]
+            sock.sendmsg([frame[:5]], anc)  # the descriptor comes with the first piece
+            time.sleep(0.2)
+            sock.sendall(frame[5:20])
+            time.sleep(0.2)
+            events = _send_raw(sock, frame[20:])
+        assert events == [protocol.Started(), protocol.Exit(returncode=0, keep=True)]
+        os.close(w)
+        w = -1
+        with os.fdopen(r, "rb") as out:
+            r = -1
+            assert out.read() == b"in pieces\n"
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def test_a_second_request_before_the_first_ends_ends_the_connection(helper: Helper) -> None:
+    # One request at a time: the second is not run, and the connection is not kept (whether the
+    # first command had finished or is killed depends on when the helper reads the second).
+    frame = _request_frame({"command": "echo", "started": False})
+    with _kept_connection(helper.socket) as sock:
+        kept = _send_raw(sock, frame + frame)
+    fresh = _raw_exchange(helper.socket, frame + frame)
+    for events in (kept, fresh):
+        assert len(events) == 1
+        assert isinstance(events[0], protocol.Exit | protocol.Error)
+        assert not isinstance(events[0], protocol.Exit) or not events[0].keep
+    _assert_still_serving()
+
+
+def test_a_kept_connection_closed_inside_a_frame_gets_the_same_error(helper: Helper) -> None:
+    def close_inside_a_frame(sock: socket.socket) -> list[object]:
+        sock.sendall(_request_frame({"command": "echo"})[:12])
+        sock.shutdown(socket.SHUT_WR)
+        return _send_raw(sock, b"")
+
+    with _kept_connection(helper.socket) as sock:
+        kept = close_inside_a_frame(sock)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(helper.socket)
+        fresh = close_inside_a_frame(sock)
+    assert (
+        kept
+        == fresh
+        == [protocol.Error(code="protocol", message="connection closed inside a frame")]
+    )
+    _assert_still_serving()
+
+
+def _has_no_reader(fd: int) -> bool:
+    try:
+        os.write(fd, b"x")
+    except BrokenPipeError:
+        return True
+    return False
+
+
+def test_a_kept_command_gets_signals_and_is_killed_when_the_client_hangs_up(
+    helper: Helper,
+) -> None:
+    started = protocol.encode_event(protocol.Started())
+    term = protocol.encode_event(protocol.Signal(signal=signal.SIGTERM))
+    frame = _request_frame({"command": "cat", "stdin": "fd"}, fds=1)
+    pipes = [os.pipe(), os.pipe()]
+    try:
+        with _kept_connection(helper.socket) as sock:
+            (r1, _), (r2, w2) = pipes
+            sock.sendmsg(
+                [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(array.array("i", [r1])))]
+            )
+            assert sock.recv(100) == started  # cat waits on its stdin
+            assert _send_raw(sock, term) == [protocol.Exit(returncode=-15, keep=True)]
+            sock.sendmsg(
+                [frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(array.array("i", [r2])))]
+            )
+            assert sock.recv(100) == started
+            os.close(r2)
+            pipes[1] = (-1, w2)
+            assert not _has_no_reader(w2)  # cat holds it
+        wait_until(lambda: _has_no_reader(w2), what="cat killed after the client hung up")
+    finally:
+        for fd in (fd for pair in pipes for fd in pair if fd >= 0):
+            os.close(fd)
     _assert_still_serving()
 
 

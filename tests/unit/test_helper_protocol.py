@@ -274,3 +274,49 @@ def test_keep_is_optional_on_the_wire_and_must_be_a_boolean() -> None:
     )
     with pytest.raises(RemoteProtocolError, match="'keep' is 1, expected true or false"):
         client.next_event()
+
+
+def test_request_payload_finds_one_whole_request_and_nothing_else() -> None:
+    request = frame(1, b'{"op":"exec","params":{}}')
+    assert protocol.request_payload(request) == b'{"op":"exec","params":{}}'
+    for part in (b"", b"CH", request[:8], request[:-1]):
+        assert protocol.request_payload(part) is NEED_DATA
+    for other in (
+        request + b"C",  # the start of another frame after it
+        request + request,
+        frame(3, b'{"signal":15}'),
+        frame(1, b"{}", version=2),
+        frame(1, b"{}", magic=b"XX"),
+        HEADER.pack(b"CH", 1, 1, protocol.MAX_JSON_PAYLOAD + 1),
+    ):
+        assert protocol.request_payload(other) is None
+
+
+_FRAMES = st.builds(
+    lambda kind, payload, cut, extra: (frame(kind, payload) + extra)[:cut],
+    st.integers(min_value=0, max_value=8),
+    st.sampled_from([b"{}", b'{"op":"exec","params":{"command":"x"},"fds":0}', b"[1]", b"\x00"]),
+    st.integers(min_value=0, max_value=80),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.one_of(st.binary(max_size=40), _FRAMES))
+def test_request_payload_agrees_with_a_connection(data: bytes) -> None:
+    found = protocol.request_payload(data)
+    server = Connection(Role.SERVER)
+    if data:  # no bytes would mean the end of the stream
+        server.receive_data(data)
+    try:
+        event: object = server.next_event()
+    except RemoteProtocolError:
+        event = None  # invalid: what request_payload hands on for a Connection to report
+    if found is NEED_DATA:
+        assert event is NEED_DATA
+    elif found is None:
+        assert not isinstance(event, Request) or server.buffered
+    else:
+        assert found == data[HEADER.size :]
+        assert server.buffered == 0
+        assert event is None or isinstance(event, Request)
