@@ -46,7 +46,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO, Final, Literal, overload
+from typing import IO, Final, Literal, NoReturn, overload
 
 from .errors import HelperError, LocalProtocolError, RemoteProtocolError, error_from_code
 from .fdpass import scm_rights
@@ -323,8 +323,12 @@ class _Session:
                 raise RemoteProtocolError(f"expected STARTED, got {type(event).__name__}")
             self.pull()
 
-    def pull(self) -> None:
-        """Receive what the socket has (blocking unless it is non-blocking) into the parser."""
+    def pull(self, *, final: bool = False) -> Exit | Error | None:
+        """Receive what the socket has (blocking unless it is non-blocking) into the parser.
+
+        With *final* (the caller handles a final frame), return the final frame's event when it is
+        all that came; it is not buffered then.
+        """
         view = _scratch()
         try:
             count = self.sock.recv_into(view)
@@ -333,7 +337,10 @@ class _Session:
                 raise _Stale from None  # closed with the request unread
             count = 0
         self.received += count
+        if final:
+            return self.conn.receive_final(view[:count])
         self.conn.receive_data(view[:count])
+        return None
 
     def recv_event(self, deadline: float | None) -> Data | Exit | Response | Error:
         """Block (until *deadline*) for the next frame from the helper, skipping STARTED."""
@@ -361,7 +368,7 @@ class _Session:
                 self.sock.settimeout(None)
 
 
-def _raise_error(event: Error) -> None:
+def _raise_error(event: Error) -> NoReturn:
     raise error_from_code(event.code, event.message)
 
 
@@ -601,9 +608,13 @@ def _receive(
                 raise subprocess.TimeoutExpired(session.argv, timeout or 0.0)
             sock.settimeout(remaining)
         try:
-            session.pull()
+            final = session.pull(final=True)
         except TimeoutError:
             continue  # the deadline check above raises
+        if isinstance(final, Error):
+            _raise_error(final)
+        if final is not None:
+            return final
 
 
 def _handle_buffered(

@@ -111,6 +111,7 @@ STDOUT: Final = 1
 STDERR: Final = 2
 
 _REQUEST, _DATA, _SIGNAL, _EXIT, _RESPONSE, _ERROR, _STARTED = 1, 2, 3, 4, 5, 6, 7
+_MAGIC_AND_VERSION: Final = MAGIC + bytes((VERSION,))
 
 
 class Role(enum.Enum):
@@ -387,8 +388,10 @@ def _decode_exit(payload: bytes) -> Exit:
     )
 
 
-#: The same few EXIT payloads arrive over and over; a peer's junk raises and is not cached.
+#: The same few EXIT payloads arrive over and over; a peer's junk raises and is not cached, and
+#: only payloads up to _CACHED_EXIT bytes are.
 _exit_event = functools.lru_cache(maxsize=256)(_decode_exit)
+_CACHED_EXIT: Final = 128
 
 
 def decode_frame(kind: int, payload: bytes) -> Event:
@@ -414,7 +417,7 @@ def decode_frame(kind: int, payload: bytes) -> Event:
             obj = _load_object(payload, "SIGNAL")
             return Signal(signal=_get_int(obj, "signal", "SIGNAL"))
         if kind == _EXIT:
-            return _exit_event(payload) if len(payload) <= 128 else _decode_exit(payload)
+            return _exit_event(payload) if len(payload) <= _CACHED_EXIT else _decode_exit(payload)
         if kind == _RESPONSE:
             return Response(result=_load_object(payload, "RESPONSE"))
         if kind == _STARTED:
@@ -486,6 +489,33 @@ class Connection:
             del self._buffer[: self._offset]
             self._offset = 0
         self._buffer += data
+
+    def receive_final(self, data: bytes | bytearray | memoryview) -> Exit | Error | None:
+        """:meth:`receive_data` for a client that expects the final frame next: when *data* is
+        exactly one EXIT or ERROR frame and nothing is buffered, return its event at once (the
+        state advances as :meth:`next_event` would); else buffer *data* and return None.
+
+        :raises RemoteProtocolError: the frame's payload is invalid.
+        """
+        size = len(data) - HEADER.size
+        if size > 0 and self._offset == len(self._buffer) and not self._eof:
+            magic, version, kind, length = HEADER.unpack_from(data)
+            if (
+                length == size <= MAX_JSON_PAYLOAD
+                and (kind == _EXIT or kind == _ERROR)
+                and magic == MAGIC
+                and version == VERSION
+                and self.their_state is State.RUNNING
+                and self._peer is Role.SERVER
+            ):
+                payload = bytes(data[HEADER.size :])
+                small_exit = kind == _EXIT and size <= _CACHED_EXIT
+                event = _exit_event(payload) if small_exit else decode_frame(kind, payload)
+                assert isinstance(event, Exit | Error)
+                self._advance(event, mine=False)
+                return event
+        self.receive_data(data)
+        return None
 
     def next_event(self) -> Event | _Sentinel:
         """Return the next complete event, :data:`NEED_DATA`, or :data:`CLOSED` at a clean EOF.

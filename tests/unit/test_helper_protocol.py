@@ -320,3 +320,91 @@ def test_request_payload_agrees_with_a_connection(data: bytes) -> None:
         assert found == data[HEADER.size :]
         assert server.buffered == 0
         assert event is None or isinstance(event, Request)
+
+
+def _running_client() -> Connection:
+    client = Connection(Role.CLIENT)
+    client.send(Request(op="exec", params={"command": "true"}))
+    return client
+
+
+def _drain(conn: Connection) -> list[object]:
+    events: list[object] = []
+    try:
+        while (event := conn.next_event()) not in (NEED_DATA, CLOSED):
+            events.append(event)
+    except RemoteProtocolError as exc:
+        events.append(type(exc))
+    return events
+
+
+def test_receive_final_returns_a_lone_final_frame_at_once() -> None:
+    server = Connection(Role.SERVER)
+    feed(server, Connection(Role.CLIENT).send(Request(op="exec")))
+    exit_frame = server.send(Exit(returncode=3, keep=True))
+    client = _running_client()
+    assert client.receive_final(exit_frame) == Exit(returncode=3, keep=True)
+    assert client.kept and client.buffered == 0
+    client = _running_client()
+    error = protocol.encode_event(Error(code="command", message="no"))
+    assert client.receive_final(memoryview(error)) == Error(code="command", message="no")
+    assert client.our_state is State.DONE and not client.kept
+    # Anything else is buffered for next_event: other frames, more than one, a part of one.
+    for data in (protocol.encode_event(Started()) + exit_frame, exit_frame + b"C", exit_frame[:-1]):
+        client = _running_client()
+        assert client.receive_final(data) is None
+        assert client.buffered == len(data)
+    client = _running_client()
+    with pytest.raises(RemoteProtocolError, match="EXIT payload is not valid UTF-8 JSON"):
+        client.receive_final(frame(4, b"{nope}"))
+
+
+_SERVER_FRAMES = st.lists(
+    st.sampled_from(
+        [
+            protocol.encode_event(Started()),
+            protocol.encode_event(Data(stream=1, data=b"out")),
+            protocol.encode_event(Exit(returncode=0)),
+            protocol.encode_event(Exit(returncode=-9, timed_out=True, keep=True)),
+            protocol.encode_event(Error(code="command", message="no")),
+            protocol.encode_event(Request(op="exec")),
+            frame(4, b'{"returncode":"0"}'),
+            frame(6, b"{}"),
+            b"\x00" * 9,
+        ]
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_SERVER_FRAMES, st.integers(min_value=0, max_value=200), st.booleans())
+def test_receive_final_agrees_with_receive_data(
+    frames: list[bytes], cut: int, started_before: bool
+) -> None:
+    data = b"".join(frames)
+    first, rest = data[:cut], data[cut:]
+    results = []
+    for shortcut in (False, True):
+        conn = _running_client()
+        if started_before:
+            conn.receive_data(protocol.encode_event(Started()))
+        events: list[object] = []
+        for chunk in (first, rest):
+            if not chunk:
+                continue
+            if shortcut:
+                try:
+                    final = conn.receive_final(chunk)
+                except RemoteProtocolError as exc:
+                    events.append(type(exc))
+                    break
+                if final is not None:
+                    events.append(final)
+            else:
+                conn.receive_data(chunk)
+            events += _drain(conn)
+            if events and events[-1] is RemoteProtocolError:
+                break
+        results.append((events, conn.our_state, conn.kept))
+    assert results[0] == results[1]
