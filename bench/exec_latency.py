@@ -4,7 +4,8 @@ Starts a real ``chroot-helper serve`` on a temporary socket, then measures, in t
 
 1. round trip of ``/bin/true`` via :func:`chroot_helper.client.run` from a client process that has
    chroot()ed into an empty directory (when run as root; a plain process otherwise) against
-   ``subprocess.run(["/bin/true"])`` on the host (goal: ratio <= 1.2),
+   ``subprocess.run(["/bin/true"])`` on the host, in alternating blocks of ``--block`` calls; the
+   ratio is the median of the blocks' ratios (goal: ratio <= 1.2),
 2. streaming N MiB of ``cat`` stdout through the helper against the same on the host, both as a
    ``Popen`` pipe read loop (the helper passes the client's pipe to the command as an fd) and as
    ``run(capture_output=True)`` (streamed in DATA frames, where ``max_output`` is enforced)
@@ -15,7 +16,8 @@ Starts a real ``chroot-helper serve`` on a temporary socket, then measures, in t
 
 Prints ratios; asserts nothing.  Usage::
 
-    .venv/bin/python bench/exec_latency.py [--iterations 300] [--stream-mib 1024] [--seconds 3]
+    .venv/bin/python bench/exec_latency.py [--iterations 3000] [--block 100] [--stream-mib 1024]
+        [--seconds 3]
 """
 
 from __future__ import annotations
@@ -27,12 +29,14 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 CONFIG = """
@@ -128,13 +132,56 @@ def helper_latency(
     queue.put((clock() - start) / iterations)
 
 
-def host_latency(iterations: int) -> float:
+def helper_latency_turns(jail: Path, block: int, turns: Connection) -> None:
+    """In a jailed child: on each request from *turns*, time *block* calls and send the seconds
+    per call back; stop on None."""
+    from chroot_helper import client
+
+    enter_empty_jail(jail)
     for _ in range(20):
-        subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+    while turns.recv() is not None:
+        start = time.perf_counter()
+        for _ in range(block):
+            client.run(["true"], stdin=client.DEVNULL, stdout=client.DEVNULL, stderr=client.DEVNULL)
+        turns.send((time.perf_counter() - start) / block)
+
+
+def host_latency(calls: int) -> float:
+    """Seconds per ``subprocess.run(["/bin/true"])`` over *calls* calls."""
     start = time.perf_counter()
-    for _ in range(iterations):
+    for _ in range(calls):
         subprocess.run(["/bin/true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    return (time.perf_counter() - start) / iterations
+    return (time.perf_counter() - start) / calls
+
+
+def interleaved_latency(jail: Path, iterations: int, block: int) -> tuple[list[float], list[float]]:
+    """Seconds per ``/bin/true`` call on the host and through the helper, in alternating blocks
+    of *block* calls (the side that goes first alternates too), so both see the same machine."""
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.Process(target=helper_latency_turns, args=(jail, block, theirs))
+    child.start()
+    theirs.close()
+    host: list[float] = []
+    via: list[float] = []
+    try:
+        host_latency(20)  # warm, as the child is
+        for index in range(max(1, iterations // block)):
+            for side in ("host", "helper") if index % 2 == 0 else ("helper", "host"):
+                if side == "host":
+                    host.append(host_latency(block))
+                else:
+                    ours.send(True)
+                    via.append(ours.recv())
+        ours.send(None)
+    except (EOFError, OSError):
+        pass  # the child has gone: its exit code says so below
+    finally:
+        ours.close()
+        child.join(60)
+    if child.exitcode != 0:
+        raise SystemExit(f"the helper's client failed (exit code {child.exitcode})")
+    return host, via
 
 
 def helper_stream(jail: Path, path: str, mode: str, queue: multiprocessing.Queue[float]) -> None:
@@ -258,9 +305,17 @@ def in_child(target, *args):  # type: ignore[no-untyped-def]
     return value
 
 
+def _quartiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    low, _, high = statistics.quantiles(values, n=4)
+    return f"{low:.2f}-{high:.2f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--iterations", type=int, default=300)
+    parser.add_argument("--iterations", type=int, default=3000)
+    parser.add_argument("--block", type=int, default=100)
     parser.add_argument("--stream-mib", type=int, default=1024)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--workers", type=int, default=16)
@@ -271,11 +326,14 @@ def main() -> None:
         where = "an empty chroot" if os.geteuid() == 0 else "a plain process (not root)"
         print(f"client runs in {where}; helper socket {sock}")
 
-        host = host_latency(ns.iterations)
-        via = in_child(helper_latency, jail, ns.iterations)
+        hosts, vias = interleaved_latency(jail, ns.iterations, ns.block)
+        host, via = statistics.median(hosts), statistics.median(vias)
+        ratios = [v / h for h, v in zip(hosts, vias, strict=True)]
         print(
             f"1. /bin/true round trip: host subprocess.run {host * 1e3:.3f} ms, "
-            f"helper {via * 1e3:.3f} ms, ratio {via / host:.2f}x (goal <= 1.2x)"
+            f"helper {via * 1e3:.3f} ms, ratio {statistics.median(ratios):.2f}x (goal <= 1.2x; "
+            f"median of {len(ratios)} interleaved blocks of {ns.block} calls, "
+            f"quartiles {_quartiles(ratios)})"
         )
 
         data = base / "stream.bin"
