@@ -111,7 +111,6 @@ STDOUT: Final = 1
 STDERR: Final = 2
 
 _REQUEST, _DATA, _SIGNAL, _EXIT, _RESPONSE, _ERROR, _STARTED = 1, 2, 3, 4, 5, 6, 7
-_MAGIC_AND_VERSION: Final = MAGIC + bytes((VERSION,))
 
 
 class Role(enum.Enum):
