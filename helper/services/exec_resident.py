@@ -131,6 +131,9 @@ _RECV_FLAGS: Final = int(socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
 _MSG_CTRUNC: Final = int(socket.MSG_CTRUNC)
 _STARTED_FRAME: Final = encode_event(Started())
 _decode_json = json.JSONDecoder().decode
+#: A kept connection's plans remembered (:meth:`_Keeper._runnable`), and the largest payload kept.
+_MAX_PLANS: Final = 64
+_MAX_PLANNED_PAYLOAD: Final = 4096
 
 
 class _Job(NamedTuple):
@@ -545,6 +548,23 @@ class _Client:
         self.sock.close()
 
 
+class _Plan(NamedTuple):
+    """A request a resident may run itself, checked (see :meth:`_Keeper._plan`)."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: str
+    #: The descriptors that must come with the request.
+    fds: int
+    stdin_fd: bool
+    stdout_fd: bool
+    #: "fd", "null" or "stdout"
+    stderr_mode: str
+    timeout: float
+    started: bool
+
+
 class _Quit:
     pass
 
@@ -589,6 +609,8 @@ class _Keeper:
             os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC),
         )
         self.buffer = bytearray(_MAX_REQUEST_READ)
+        #: The plans of the requests seen lately, by payload: a client repeats its requests.
+        self.plans: dict[bytes, _Plan] = {}
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.poller = select.poll()
         for fd in (channel, alive, wake_r):
@@ -660,6 +682,31 @@ class _Keeper:
         *client* is then set up for it.  Anything else, valid or not, is the daemon's to answer."""
         if client.conn is not None and client.conn.buffered:
             return None  # part of a frame sent while the last command ran
+        plan = self.plans.get(payload)
+        if plan is None:
+            plan = self._plan(payload)
+            if plan is None:
+                return None
+            if len(payload) <= _MAX_PLANNED_PAYLOAD:
+                if len(self.plans) >= _MAX_PLANS:
+                    del self.plans[next(iter(self.plans))]
+                self.plans[payload] = plan
+        if plan.fds != len(fds):
+            return None
+        fd = iter(fds)
+        null_r, null_w = self.null_fds
+        stdin = next(fd) if plan.stdin_fd else null_r
+        stdout = next(fd) if plan.stdout_fd else null_w
+        mode = plan.stderr_mode
+        stderr = next(fd) if mode == "fd" else stdout if mode == "stdout" else null_w
+        if self.debug:
+            log.debug("%s: exec %s", client.peer, plan.name)
+        client.start(plan.timeout, started=plan.started, keep=True, name=plan.name)
+        return _Job(plan.argv, plan.env, plan.cwd, (stdin, stdout, stderr))
+
+    def _plan(self, payload: bytes) -> _Plan | None:
+        """What a REQUEST's *payload* asks for if this resident may run it; it depends on nothing
+        but the payload (the descriptors that came with it are counted against ``fds``)."""
         try:
             request = _decode_json(payload.decode())
         except (ValueError, RecursionError):
@@ -670,26 +717,28 @@ class _Keeper:
             return None  # for the daemon to check (and refuse: this is the Unix socket)
         params = request.get("params")
         passed = request.get("fds")
-        if type(params) is not dict or type(passed) is not int or passed != len(fds):
+        if type(params) is not dict or type(passed) is not int:
             return None
         try:
             call = self.table.parse(params, passed)
         except CommandError:
             return None
-        name = call.command.name
-        if name not in self.local or call.piped:
+        command = call.command
+        if command.name not in self.local or call.piped:
             return None
         modes = call.modes
-        fd = iter(fds)
-        stdin = next(fd) if modes["stdin"] == "fd" else self.null_fds[0]
-        stdout = next(fd) if modes["stdout"] == "fd" else self.null_fds[1]
-        mode = modes["stderr"]
-        stderr = next(fd) if mode == "fd" else stdout if mode == "stdout" else self.null_fds[1]
-        if self.debug:
-            log.debug("%s: exec %s", client.peer, name)
-        client.start(call.timeout, started=call.started, keep=True, name=name)
-        command = call.command
-        return _Job(call.argv, command.env, command.cwd, (stdin, stdout, stderr))
+        return _Plan(
+            name=command.name,
+            argv=call.argv,
+            env=command.env,
+            cwd=command.cwd,
+            fds=passed,
+            stdin_fd=modes["stdin"] == "fd",
+            stdout_fd=modes["stdout"] == "fd",
+            stderr_mode=modes["stderr"],
+            timeout=call.timeout,
+            started=call.started,
+        )
 
     def _hand_back(self, client: _Client, raw: bytes, fds: list[int]) -> None:
         try:

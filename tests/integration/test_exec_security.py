@@ -200,6 +200,30 @@ def test_a_kept_connection_reads_a_request_that_arrives_in_pieces(helper: Helper
                 os.close(fd)
 
 
+def test_a_repeated_request_on_a_kept_connection_uses_the_descriptors_it_brings(
+    helper: Helper,
+) -> None:
+    frame = _request_frame({"command": "echo", "args": ["again"], "stdout": "fd"}, fds=1)
+    pipes = [os.pipe(), os.pipe()]
+    try:
+        with _kept_connection(helper.socket) as sock:
+            for _, w in pipes:
+                events = _send_raw(sock, frame, [w])
+                assert events == [protocol.Started(), protocol.Exit(returncode=0, keep=True)]
+            without_fd = _send_raw(sock, frame)
+        for r, w in pipes:
+            os.close(w)
+            assert os.read(r, 100) == b"again\n"
+    finally:
+        for fd in (fd for pipe in pipes for fd in pipe):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    assert len(without_fd) == 1
+    assert isinstance(without_fd[0], protocol.Error)
+    assert without_fd == _raw_exchange(helper.socket, frame)
+    _assert_still_serving()
+
+
 def test_a_second_request_before_the_first_ends_ends_the_connection(helper: Helper) -> None:
     # One request at a time: the second is not run, and the connection is not kept (whether the
     # first command had finished or is killed depends on when the helper reads the second).
