@@ -134,6 +134,8 @@ _decode_json = json.JSONDecoder().decode
 #: A kept connection's plans remembered (:meth:`_Keeper._runnable`), and the largest payload kept.
 _MAX_PLANS: Final = 64
 _MAX_PLANNED_PAYLOAD: Final = 4096
+#: Seconds before the count of repeated exit lines is logged (see :class:`_ExitLog`).
+_REPEATS_LOGGED_AFTER: Final = 1.0
 
 
 class _Job(NamedTuple):
@@ -386,6 +388,7 @@ def resident_main(  # pragma: no cover - runs in a resident
                 try:
                     child = _start(command.argv, command.env, command.cwd, command.streams)
                 except OSError as exc:
+                    keeper.exits.flush()
                     _refuse(channel, command, exc, client, keeper.null_fds)
                     break
                 jobs += 1
@@ -400,7 +403,7 @@ def resident_main(  # pragma: no cover - runs in a resident
                 if retire:
                     client.keep = False
                 streams = command.streams
-                if not _converse(streams, child, channel, wake_r, client, tail, keeper.null_fds):
+                if not _converse(streams, child, channel, wake_r, client, tail, keeper):
                     break
                 state[0] = 0
                 next_command = keeper.wait(client)
@@ -441,15 +444,15 @@ def _converse(
     wake_r: int,
     client: _Client,
     tail: bytes,
-    shared: Collection[int] = (),
+    keeper: _Keeper,
 ) -> bool:  # pragma: no cover - runs in a resident
     """Step 6 with the client's connection: STARTED, wait, kill the tree, report, EXIT.  Return
     whether the connection is kept for the client's next request.
 
     On a connection it keeps, the resident reports nothing to the daemon and logs the exit itself.
-    The command's *streams* are closed, except the *shared* ones (the resident's own).
+    The command's *streams* are closed, except the *keeper*'s (the resident's own).
     """
-    _close_std(streams, shared)
+    _close_std(streams, keeper.null_fds)
     if client.started:
         client.write(_STARTED_FRAME)
     returncode = _wait(child, channel, wake_r, client)
@@ -458,9 +461,11 @@ def _converse(
     if client.keep and client.fd >= 0:
         client.write(exit_frame(returncode, timed_out, False, True))
         if timed_out:
+            keeper.exits.flush()
             log.warning("%s: %s timed out", client.peer, client.name)
-        log.info("%s: %s exited %d", client.peer, client.name, returncode)
+        keeper.exits.exited(client.peer, client.name, returncode)
         return True
+    keeper.exits.flush()
     # The daemon hears first, so it has counted the request as over by the time the client can
     # send another; it never hears when it has gone, and then the client gets no EXIT either
     # (the helper stopped).
@@ -548,6 +553,38 @@ class _Client:
         self.sock.close()
 
 
+class _ExitLog:
+    """The log lines of a kept connection's exits.  A run of identical lines is logged as its
+    first line and then a count, as syslog does ("last message repeated N times"): the count
+    comes with the next different line, when the connection ends, or once the client has been
+    idle (or the run has lasted) :data:`_REPEATS_LOGGED_AFTER` seconds."""
+
+    def __init__(self) -> None:
+        self.line: tuple[str, str, int] | None = None
+        #: Lines like :attr:`line` not logged yet.
+        self.repeats = 0
+        self.since = 0.0
+
+    def exited(self, peer: str, name: str, returncode: int) -> None:
+        line = (peer, name, returncode)
+        if line == self.line and time.monotonic() - self.since < _REPEATS_LOGGED_AFTER:
+            self.repeats += 1
+            return
+        self.flush()
+        log.info("%s: %s exited %d", peer, name, returncode)
+        self.line = line
+        self.since = time.monotonic()
+
+    def flush(self) -> None:
+        """Log the count of the repeats not logged yet."""
+        if self.line is not None and self.repeats:
+            peer, name, returncode = self.line
+            times = "time" if self.repeats == 1 else "times"
+            log.info("%s: %s exited %d (%d more %s)", peer, name, returncode, self.repeats, times)
+        self.line = None
+        self.repeats = 0
+
+
 class _Plan(NamedTuple):
     """A request a resident may run itself, checked (see :meth:`_Keeper._plan`)."""
 
@@ -611,6 +648,7 @@ class _Keeper:
         self.buffer = bytearray(_MAX_REQUEST_READ)
         #: The plans of the requests seen lately, by payload: a client repeats its requests.
         self.plans: dict[bytes, _Plan] = {}
+        self.exits = _ExitLog()
         self.debug = log.isEnabledFor(logging.DEBUG)
         self.poller = select.poll()
         for fd in (channel, alive, wake_r):
@@ -631,8 +669,13 @@ class _Keeper:
         fds: list[int] = []
         while True:
             remaining = deadline - time.monotonic()
-            ready = dict(self.poller.poll(remaining * 1000)) if remaining > 0 else {}
+            flush_first = self.exits.repeats > 0 and remaining > _REPEATS_LOGGED_AFTER
+            wait = _REPEATS_LOGGED_AFTER if flush_first else remaining
+            ready = dict(self.poller.poll(wait * 1000)) if remaining > 0 else {}
             if not ready:
+                if flush_first:
+                    self.exits.flush()  # the client is idle: time to log the repeats
+                    continue
                 self._end(client, fds)  # idle too long (or stuck inside a frame)
                 return None
             if self.wake_r in ready:
@@ -741,6 +784,7 @@ class _Keeper:
         )
 
     def _hand_back(self, client: _Client, raw: bytes, fds: list[int]) -> None:
+        self.exits.flush()
         try:
             _send_message(self.channel, HANDED_BACK + raw, fds)
         except OSError:  # the daemon cannot take it: end the connection instead
@@ -749,6 +793,7 @@ class _Keeper:
         self._end(client, fds, report=False)
 
     def _end(self, client: _Client, fds: list[int], *, report: bool = True) -> None:
+        self.exits.flush()
         for fd in fds:
             os.close(fd)
         client.close()

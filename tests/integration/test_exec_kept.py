@@ -214,3 +214,46 @@ def test_a_kept_command_that_cannot_start_is_reported_under_its_own_name(tmp_pat
         client.run(["rootonly"], stdin=client.DEVNULL, stdout=client.DEVNULL)
     assert echo("after", out) == 0
     assert out.read_text() == "first\nafter\n"
+
+
+def test_every_kept_exit_is_logged_and_a_run_of_repeats_is_counted() -> None:
+    # Like syslog's "last message repeated N times": the first line of a run at once, the count
+    # with the next different line, or once the client has been idle a second (here while the
+    # connection is still kept: request_timeout is 30 s and the client sleeps).
+    code = (
+        "null = dict(stdin=client.DEVNULL, stdout=client.DEVNULL)\n"
+        "for _ in range(5): client.run(['echo'], **null)\n"
+        "client.run(['sh', 'exit 3'], **null)\n"
+        "for _ in range(3): client.run(['echo'], **null)\n"
+        "import os, time; print(os.getpid(), flush=True); time.sleep(60)\n"
+    )
+    with running_helper(COMMANDS, helper_table="request_timeout = 30") as helper:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from chroot_helper import client\n" + code],
+            env=helper.env(),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            pid = int(process.stdout.readline())
+
+            def lines() -> list[str]:
+                log = helper.log_text().splitlines()
+                mine = (line for line in log if f"pid={pid} " in line and " exited " in line)
+                return [line.split(": ", 2)[-1] for line in mine]
+
+            wait_until(lambda: len(lines()) == 5, what="the repeats to be logged")
+            assert process.poll() is None  # still sleeping, its connection kept
+            assert lines() == [
+                "echo exited 0",
+                "echo exited 0 (4 more times)",
+                "sh exited 3",
+                "echo exited 0",
+                "echo exited 0 (2 more times)",
+            ]
+        finally:
+            process.kill()
+            process.wait()
+            if process.stdout:
+                process.stdout.close()
