@@ -67,6 +67,7 @@ from .protocol import (
     Signal,
     Started,
     State,
+    encode_event,
 )
 from .services.mail.client import client_sendmail as sendmail
 
@@ -223,6 +224,41 @@ def _fd_is_open(fd: int) -> bool:
     return True
 
 
+def _exec_request(
+    argv: list[str],
+    modes: dict[str, str],
+    fds: int,
+    timeout: float | None,
+    started: bool,
+    token: str | None,
+) -> Request:
+    """The exec request for a call; a process tends to make the same calls again, and the frame
+    of a request it has sent before is ready (see :class:`~chroot_helper.protocol.Request`)."""
+    key = None
+    if timeout is None or type(timeout) is float or type(timeout) is int:
+        key = (*argv, None, *modes.items(), fds, type(timeout), timeout, started, token)
+        request = _requests.get(key)
+        if request is not None:
+            return request
+    params: dict[str, object] = {"command": argv[0], "args": argv[1:], **modes}
+    if timeout is not None:
+        params["timeout"] = timeout
+    if not started:
+        params["started"] = False  # run() only waits: no STARTED frame to read
+    request = Request(op="exec", params=params, fds=fds, token=token)
+    if key is not None and len(encode_event(request)) <= _MAX_REMEMBERED_FRAME:
+        if len(_requests) >= _MAX_REQUESTS:
+            _requests.clear()  # one call, safe from any thread
+        _requests[key] = request
+    return request
+
+
+#: The exec requests made lately, by call (see :func:`_exec_request`).
+_requests: dict[tuple[object, ...], Request] = {}
+_MAX_REQUESTS: Final = 32
+_MAX_REMEMBERED_FRAME: Final = 4096
+
+
 class _Session:
     """One connection: send the request with fds, then exchange frames."""
 
@@ -245,12 +281,7 @@ class _Session:
         self.fds = fds
         #: Bytes received so far (a kept connection that ends before any is :class:`_Stale`).
         self.received = 0
-        params: dict[str, object] = {"command": self.argv[0], "args": self.argv[1:], **modes}
-        if timeout is not None:
-            params["timeout"] = timeout
-        if not started:
-            params["started"] = False  # run() only waits: no STARTED frame to read
-        request = Request(op="exec", params=params, fds=len(fds), token=token)
+        request = _exec_request(self.argv, modes, len(fds), timeout, started, token)
         kept = _kept.take(address) if reuse else None
         self.reused = kept is not None
         if kept is not None:

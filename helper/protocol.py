@@ -185,6 +185,12 @@ class Request:
             raise LocalProtocolError(f"Request fds={self.fds} is outside 0..{MAX_FDS}")
         _check_json(self.params, "Request params")
 
+    @functools.cached_property
+    def _frame(self) -> bytes:
+        """This request's frame, built once: a client may send the same request again."""
+        fields = {"op": self.op, "params": self.params, "fds": self.fds, "token": self.token}
+        return _json_frame(_REQUEST, _dump(fields), "Request")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Data:
@@ -340,11 +346,8 @@ def encode_event(event: Event) -> bytes:
             + event.data
         )
     if isinstance(event, Request):
-        kind, payload = (
-            _REQUEST,
-            _dump({"op": event.op, "params": event.params, "fds": event.fds, "token": event.token}),
-        )
-    elif isinstance(event, Signal):
+        return event._frame
+    if isinstance(event, Signal):
         kind, payload = _SIGNAL, _dump({"signal": event.signal})
     elif isinstance(event, Exit):
         return exit_frame(event.returncode, event.timed_out, event.output_limited, event.keep)
@@ -354,10 +357,12 @@ def encode_event(event: Event) -> bytes:
         kind, payload = _STARTED, b"{}"
     else:
         kind, payload = _ERROR, _dump({"code": event.code, "message": event.message[:4096]})
+    return _json_frame(kind, payload, type(event).__name__)
+
+
+def _json_frame(kind: int, payload: bytes, name: str) -> bytes:
     if len(payload) > MAX_JSON_PAYLOAD:
-        raise LocalProtocolError(
-            f"{type(event).__name__} frame of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}"
-        )
+        raise LocalProtocolError(f"{name} frame of {len(payload)} bytes exceeds {MAX_JSON_PAYLOAD}")
     return HEADER.pack(MAGIC, VERSION, kind, len(payload)) + payload
 
 

@@ -176,6 +176,23 @@ def test_event_constructors_validate() -> None:
         Data(stream=1, data=b"x" * protocol.MAX_DATA_PAYLOAD)
 
 
+def test_a_request_too_large_for_a_frame_is_refused_each_time_it_is_sent() -> None:
+    request = Request(op="exec", params={"args": ["x" * protocol.MAX_JSON_PAYLOAD]})
+    conn = Connection(Role.CLIENT)
+    for _ in range(2):
+        with pytest.raises(LocalProtocolError, match="Request frame of .* exceeds"):
+            conn.send(request)
+    assert conn.our_state is State.IDLE  # nothing was sent: a smaller request may go
+
+
+def test_a_request_sent_again_is_the_same_frame() -> None:
+    request = Request(op="exec", params={"command": "echo", "args": ["a"]}, fds=1)
+    first, second = Connection(Role.CLIENT), Connection(Role.CLIENT)
+    data = first.send(request)
+    assert second.send(request) == data
+    assert feed(Connection(Role.SERVER), data) == [request]
+
+
 def nested(levels: int) -> dict[str, object]:
     """Params whose deepest value sits *levels* containers below the params object."""
     value: object = 1
