@@ -385,6 +385,11 @@ def resident_main(  # pragma: no cover - runs in a resident
                 _refuse(channel, command, failure, client)
                 return
             while True:  # the job, then the kept connection's next requests
+                # The request's arrival woke this resident, which may have preempted its sender:
+                # let the sender reach its recv() first.  While it is still runnable on this CPU,
+                # the command starts on another one, and waking an idle CPU (an idle vCPU above
+                # all) costs more than the whole exchange.  A no-op when nothing else waits.
+                os.sched_yield()
                 try:
                     child = _start(command.argv, command.env, command.cwd, command.streams)
                 except OSError as exc:
