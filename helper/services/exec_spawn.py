@@ -436,17 +436,22 @@ def _children() -> list[int]:  # pragma: no cover
 def _kill_tree(child: int) -> None:  # pragma: no cover
     """SIGKILL the command's process group and every descendant left; reap them all.
 
-    The group alone first: the command itself has usually been reaped (its pid may be reused),
-    and a child still alive outside the group is found among the children below.
+    With no child left there is nothing to do: a descendant still alive would be a child of this
+    subreaper or of one of its children.  Otherwise the group alone first (the command itself has
+    usually been reaped), then what is still alive outside it, found among the children.
     """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(child, signal.SIGKILL)
+    group_killed = False
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return  # nothing left: the common case, without reading /proc
+            return  # nothing left: the common case, without a kill or reading /proc
         if pid:
+            continue
+        if not group_killed:
+            group_killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child, signal.SIGKILL)
             continue
         for pid in _children():
             _signal_group(pid, signal.SIGKILL)
