@@ -25,9 +25,10 @@ for a client's connection ends with a NUL and the command's name.  EOF on the ch
 kills a running tree and ends the resident; an idle resident also ends when the forker has gone.
 
 A resident that talks to a client over the Unix socket keeps the connection after the command
-(EXIT with ``keep``) and runs the client's next requests itself (:class:`_Keeper`), reporting
-only how the connection ends (:data:`CLOSED_KEPT`, :data:`HANDED_BACK`, :data:`BUSY`) and
-keeping its state byte (shared memory the daemon reads if it dies) non-zero while a command runs.
+(EXIT with ``keep``) and runs the client's next requests itself (:class:`_Keeper`), logging their
+exits (:class:`_ExitLog`), reporting to the daemon only how the connection ends
+(:data:`CLOSED_KEPT`, :data:`HANDED_BACK`, :data:`BUSY`) and keeping its state byte (shared
+memory the daemon reads if it dies) non-zero while a command runs.
 """
 
 from __future__ import annotations
