@@ -3,7 +3,8 @@
 Starts a real ``chroot-helper serve`` on a temporary socket, then measures, in the same run:
 
 1. round trip of ``/bin/true`` via :func:`chroot_helper.client.run` from a client process that has
-   chroot()ed into an empty directory (when run as root; a plain process otherwise) against
+   entered an empty jail with :func:`chrootwsgi.enter_jail` (as www-data when run as root,
+   rootless otherwise; the streaming and concurrent clients below too) against
    ``subprocess.run(["/bin/true"])`` on the host, in alternating blocks of ``--block`` calls; the
    ratio is the median of the blocks' ratios (goal: ratio <= 1.2),
 2. streaming N MiB of ``cat`` stdout through the helper against the same on the host, both as a
@@ -26,6 +27,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -42,7 +44,8 @@ from pathlib import Path
 CONFIG = """
 [helper]
 socket = "{socket}"
-allow_uids = [0, {uid}]
+socket_mode = "0666"
+allow_uids = [0, {uid}, {jailed_uid}]
 max_concurrent = 64
 max_per_peer = 64
 
@@ -61,12 +64,17 @@ max_file_size = "unlimited"
 """
 
 
+#: The user a jailed client runs as when the benchmark runs as root (mod_wsgi's usual user).
+JAILED_USER = "www-data"
+
+
 def start_helper(base: Path) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(base / "jail" / "run" / "chroot-helper.sock")
     uid = os.geteuid()
     user = "nobody" if uid == 0 else os.environ.get("USER", str(uid))
     config = base / "helper.toml"
-    config.write_text(CONFIG.format(socket=sock, uid=uid, user=user))
+    jailed_uid = pwd.getpwnam(JAILED_USER).pw_uid
+    config.write_text(CONFIG.format(socket=sock, uid=uid, user=user, jailed_uid=jailed_uid))
     log = open(base / "helper.log", "wb")  # noqa: SIM115 - lives as long as the helper
     proc = subprocess.Popen(
         [sys.executable, "-m", "chroot_helper.cli", "serve", "--config", str(config)],
@@ -103,11 +111,16 @@ def helper_running() -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
 
 
 def enter_empty_jail(jail: Path) -> None:
-    """chroot into *jail* (which holds only run/) when root; the client must work from there."""
+    """Enter *jail*, which holds only run/, as a jailed web worker does: with
+    :func:`chrootwsgi.enter_jail`, as :data:`JAILED_USER` when root, rootless otherwise.  The
+    client then finds the helper at its default path, /run/chroot-helper.sock."""
+    from chrootwsgi import enter_jail
+
     if os.geteuid() == 0:
-        os.chroot(jail)
-        os.chdir("/")
-        os.environ["CHROOT_HELPER_SOCKET"] = "/run/chroot-helper.sock"
+        enter_jail(str(jail), mode="privileged", user=JAILED_USER)
+    else:
+        enter_jail(str(jail), mode="rootless")
+    os.environ.pop("CHROOT_HELPER_SOCKET", None)
 
 
 #: Calls each concurrent client makes before the timed part (not counted).
@@ -323,7 +336,11 @@ def main() -> None:
     multiprocessing.set_start_method("fork")
     with helper_running() as (_, sock, base):
         jail = base / "jail"
-        where = "an empty chroot" if os.geteuid() == 0 else "a plain process (not root)"
+        where = (
+            f"a jail entered with chrootwsgi.enter_jail (privileged, as {JAILED_USER})"
+            if os.geteuid() == 0
+            else "a jail entered with chrootwsgi.enter_jail (rootless)"
+        )
         print(f"client runs in {where}; helper socket {sock}")
 
         hosts, vias = interleaved_latency(jail, ns.iterations, ns.block)
