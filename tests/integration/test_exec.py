@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from chroot_helper import client
+from chroot_helper import client, protocol
 from chroot_helper.errors import BusyError, CommandError
 from helper_daemon import Helper, processes_with, running_helper, wait_until
 
@@ -55,12 +58,31 @@ max_processes = 64
 [exec.pidns]
 argv = ["/bin/sh", "-c", "echo $$; sleep 3101 & sleep 3102 & echo started"]
 pid_namespace = true
+
+[exec.pwd]
+argv = ["/bin/pwd"]
+cwd = "{workdir}"
+
+[exec.pwd_offline]
+argv = ["/bin/pwd"]
+cwd = "{workdir}"
+network = false
 """
 
 
 @pytest.fixture(scope="module")
-def helper() -> Iterator[Helper]:
-    with running_helper(COMMANDS, helper_table="max_per_peer = 3") as running:
+def workdir() -> Iterator[str]:
+    """A directory (world-traversable, so ``nobody`` can enter it) for ``cwd = "{workdir}"``."""
+    path = tempfile.mkdtemp(prefix="chroot-helper-cwd-")
+    os.chmod(path, 0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+@pytest.fixture(scope="module")
+def helper(workdir: str) -> Iterator[Helper]:
+    config = COMMANDS.replace("{workdir}", workdir)
+    with running_helper(config, helper_table="max_per_peer = 3") as running:
         yield running
 
 
@@ -120,6 +142,66 @@ def test_popen_reads_long_output_while_it_is_produced() -> None:
     assert p.returncode == -signal.SIGTERM
 
 
+def _read_events_until(
+    sock: socket.socket, conn: protocol.Connection, wanted: Callable[[object], bool]
+) -> list[object]:
+    """Read events from the helper up to and including the first one *wanted* accepts; fail,
+    with the events seen, if the connection ends (or a final frame comes) before it."""
+    events: list[object] = []
+    while True:
+        event = conn.next_event()
+        if event is protocol.NEED_DATA:
+            try:
+                conn.receive_data(sock.recv(65536))
+            except TimeoutError:
+                raise AssertionError(
+                    f"no expected event within {sock.gettimeout()} s; got {events}"
+                ) from None
+            continue
+        if event is protocol.CLOSED:
+            raise AssertionError(f"the helper closed the connection after {events}")
+        events.append(event)
+        if wanted(event):
+            return events
+        if isinstance(event, protocol.Exit | protocol.Error):
+            raise AssertionError(f"the call ended before the expected event: {events}")
+
+
+def test_streamed_output_arrives_while_the_command_still_runs(helper: Helper) -> None:
+    conn = protocol.Connection(protocol.Role.CLIENT)
+    request = protocol.Request(
+        op="exec",
+        params={
+            "command": "sh",
+            "args": ['echo first; read line; echo "got $line"'],
+            "stdin": "pipe",
+            "stdout": "pipe",
+            "stderr": "pipe",
+        },
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(helper.socket)
+        sock.sendall(conn.send(request))
+        # Nothing has been written to stdin yet: the command is blocked in `read`, so the first
+        # line has to come back before the command ends.
+        before = _read_events_until(
+            sock,
+            conn,
+            lambda e: isinstance(e, protocol.Data) and e.stream == protocol.STDOUT and e.data,
+        )
+        assert before[0] == protocol.Started()
+        assert before[-1] == protocol.Data(stream=protocol.STDOUT, data=b"first\n")
+        sock.sendall(conn.send(protocol.Data(stream=protocol.STDIN, data=b"second\n")))
+        sock.sendall(conn.send(protocol.Data(stream=protocol.STDIN)))
+        after = _read_events_until(sock, conn, lambda e: isinstance(e, protocol.Exit))
+    stdout = b"".join(
+        e.data for e in after if isinstance(e, protocol.Data) and e.stream == protocol.STDOUT
+    )
+    assert stdout == b"got second\n"
+    assert after[-1] == protocol.Exit(returncode=0)
+
+
 def test_passed_fds_are_used_directly(tmp_path) -> None:  # type: ignore[no-untyped-def]
     source = tmp_path / "in.txt"
     source.write_bytes(b"from a file\n")
@@ -150,6 +232,21 @@ def test_client_timeout_kills_the_tree() -> None:
         client.run(["sh", "echo begun; sleep 3201 & sleep 3202"], capture_output=True, timeout=1)
     assert info.value.output == b"begun\n"
     assert processes_with("sleep 320") == []
+
+
+def test_client_timeout_kills_detached_children_too() -> None:
+    script = (
+        "setsid sleep 3701 & "  # its own session
+        "(sleep 3702 &) ; "  # double fork: re-parented away from the shell
+        "setsid sh -c 'sleep 3703 &' ; "  # a new session, then orphaned there
+        # Report only once all three run, so that the timeout surely catches them.
+        "until [ \"$(pgrep -c -f '^sleep 370[123]')\" -ge 3 ]; do sleep 0.05; done; "
+        "echo begun; sleep 3704"
+    )
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        client.run(["sh", script], capture_output=True, timeout=2)
+    assert info.value.output == b"begun\n"
+    wait_until(lambda: processes_with("sleep 370") == [], what="every sleep 370x to be killed")
 
 
 def test_configured_timeout_applies_without_a_client_timeout() -> None:
@@ -210,6 +307,30 @@ def test_client_disconnect_kills_the_tree(helper: Helper) -> None:
     wait_until(lambda: processes_with("sleep 350") == [], what="the tree to be killed")
 
 
+@pytest.mark.parametrize(
+    ("streams", "marker"),
+    [
+        pytest.param("capture_output=True", "sleep 391", id="output-relayed"),
+        pytest.param("input=b'in'", "sleep 392", id="input-relayed"),
+    ],
+)
+def test_client_disconnect_kills_the_tree_when_the_helper_relays_the_streams(
+    helper: Helper, streams: str, marker: str
+) -> None:
+    script = f"{marker}1 & setsid {marker}2 & ({marker}3 &) ; {marker}4"
+    code = f"from chroot_helper import client\nclient.run(['sh', {script!r}], {streams})\n"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=helper.env(), stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until(lambda: len(processes_with(marker)) == 4, what=f"four {marker}x to start")
+        assert child.poll() is None  # the client is still waiting for its command
+    finally:
+        child.kill()
+        child.wait()
+    wait_until(lambda: processes_with(marker) == [], what="the tree to be killed")
+
+
 def test_a_command_cannot_look_into_its_supervisor() -> None:
     # The supervisor has the command's uid and serves one client after another: its memory,
     # environment and descriptors stay closed to the commands it runs.
@@ -244,6 +365,15 @@ def test_a_command_that_kills_its_supervisor_leaves_no_process_behind() -> None:
 def test_environment_is_clean() -> None:
     done = client.run(["env"], capture_output=True, text=True)
     assert sorted(done.stdout.splitlines()) == ["LANG=C.UTF-8", "PATH=/usr/local/bin:/usr/bin:/bin"]
+
+
+def test_command_runs_in_its_configured_cwd_and_in_root_by_default(workdir: str) -> None:
+    # pwd (resident supervisors) and pwd_offline (a supervisor forked for the one call) both
+    # have cwd = workdir; sh has none. The helper itself runs in the test's directory, not "/".
+    for command in ("pwd", "pwd_offline"):
+        done = client.run([command], capture_output=True, text=True)
+        assert (done.returncode, done.stdout) == (0, workdir + "\n"), command
+    assert client.run(["sh", "pwd"], capture_output=True, text=True).stdout == "/\n"
 
 
 def test_runs_as_nobody_with_rlimits() -> None:
