@@ -89,7 +89,9 @@ class CommandConfig:
     :param pid_namespace: True runs it as PID 1 of a new PID namespace (needs root), so the kernel
         kills every descendant when it exits.  Off by default: as PID 1 the command ignores
         forwarded signals it has no handler for (``Popen.terminate()``); timeouts, ``kill()`` and
-        disconnects still end it.  Without it the supervisor (a child subreaper) kills the tree.
+        disconnects still end it.  Without it the supervisor (a child subreaper) kills the tree;
+        when the helper runs as root, that supervisor is itself PID 1 of a namespace it shares with
+        the commands it runs one after another (see :mod:`chroot_helper.services.exec_resident`).
     """
 
     name: str

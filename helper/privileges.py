@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 CAP_SETGID: Final = 6
 CAP_SETUID: Final = 7
+CAP_SETPCAP: Final = 8
 CAP_NET_BIND_SERVICE: Final = 10
 CAP_SYS_ADMIN: Final = 21
 _PR_CAPBSET_DROP: Final = 24
@@ -67,8 +68,9 @@ def _last_cap() -> int:
         return 40
 
 
-def drop_capabilities(keep: Iterable[int]) -> None:
-    """Keep only the capabilities in *keep*, in every set including the bounding set.
+def drop_capabilities(keep: Iterable[int], *, quiet: bool = False) -> None:
+    """Keep only the capabilities in *keep*, in every set including the bounding set (dropping
+    from it takes ``CAP_SETPCAP``); log what is kept unless *quiet*.
 
     :raises OSError: the kernel refused (the daemon then must not go on as full root).
     """
@@ -89,7 +91,8 @@ def drop_capabilities(keep: Iterable[int]) -> None:
     if _libc.capset(ctypes.byref(header), data) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"capset: {os.strerror(err)}")
-    log.info("kept capabilities %s; dropped the rest", sorted(wanted) or "none")
+    if not quiet:
+        log.info("kept capabilities %s; dropped the rest", sorted(wanted) or "none")
 
 
 def raise_open_files_limit() -> int:

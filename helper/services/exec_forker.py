@@ -15,7 +15,8 @@ Messages travel over one ``SOCK_SEQPACKET`` pair.  Supervisors are the forker's 
 them, and a resident exits once idle when the forker has gone.  The forker is also a child
 subreaper: a command that kills its own supervisor (same uid) leaves its tree to the forker, which
 SIGKILLs every child it did not fork itself until none is left (as the stray's uid: no
-``CAP_KILL`` needed).
+``CAP_KILL`` needed).  A resident forked into a PID namespace of its own (as root) cannot be
+killed by its commands, and takes them with it when it dies.
 If the forker dies, the exec service forks one-shot supervisors itself
 (:func:`~chroot_helper.services.exec_spawn.spawn`).
 """
@@ -25,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import gc
 import json
+import logging
 import mmap
 import os
 import select
@@ -36,10 +39,11 @@ from collections.abc import Sequence
 from typing import Final
 
 from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
-from ..privileges import drop_capabilities
+from ..privileges import CAP_SETPCAP, CAP_SYS_ADMIN, drop_capabilities
 from .exec_calls import CommandTable
 from .exec_resident import resident_main
 from .exec_spawn import (
+    _CLONE_NEWPID,
     _PR_SET_CHILD_SUBREAPER,
     STATUS_ERROR,
     SpawnSpec,
@@ -55,6 +59,8 @@ from .exec_spawn import (
 
 __all__ = ["Forker", "POOL_SIZE"]
 
+log = logging.getLogger(__name__)
+
 #: Descriptors that travel with a job to a pooled supervisor, in this order.
 _JOB_FDS: Final = 5  # stdin, stdout, stderr, status write end, control read end
 _MAX_JOB: Final = 256 * 1024
@@ -65,6 +71,12 @@ POOL_SIZE: Final = 4
 _RESIDENT: Final = b"R"
 #: What residents need to serve kept connections: the commands, and the idle timeout.
 _Keeping = tuple[CommandTable, float]
+#: What the forker keeps, beyond the daemon's capabilities, to fork residents into PID namespaces
+#: of their own (and have them drop the two again, from their bounding set too).
+_NAMESPACE_CAPABILITIES: Final = frozenset({CAP_SYS_ADMIN, CAP_SETPCAP})
+#: How to fork a resident: what it keeps, the capabilities it drops to (None: it has them
+#: already), our PID namespace (-1: fork it into ours).
+_HowToFork = tuple[_Keeping, frozenset[int] | None, int]
 
 
 def _encode_job(spec: SpawnSpec) -> bytes:
@@ -131,7 +143,9 @@ class Forker:
     """The daemon's handle on the forker process.
 
     Started by the exec service before the daemon accepts connections; the forker drops to the
-    same capabilities as the daemon.
+    same capabilities as the daemon, except that as root it also keeps ``CAP_SYS_ADMIN`` and
+    ``CAP_SETPCAP``: to fork each resident into a PID namespace of its own, and to let the
+    supervisors it forks drop back to the daemon's capabilities, bounding set included.
 
     :param pid: the forker's pid (the daemon reaps it).
     :param fd: the daemon's end of their ``SOCK_SEQPACKET`` socket pair (non-blocking).
@@ -286,7 +300,14 @@ def _forker_main(  # pragma: no cover - runs in the forker
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
-    drop_capabilities(capabilities)
+    pid_ns = _our_pid_namespace()
+    # With the two extra capabilities, what the forker forks drops back to the daemon's.
+    narrow_to: frozenset[int] | None = None
+    if pid_ns >= 0:
+        drop_capabilities(capabilities | _NAMESPACE_CAPABILITIES)
+        narrow_to = capabilities
+    else:
+        drop_capabilities(capabilities)
     idle: list[int] = []  # our ends of the pooled supervisors' socket pairs
     alive: dict[int, int] = {}  # resident pid -> our end of its pipe (EOF: the forker is gone)
     forked: set[int] = set()  # every supervisor we forked and have not reaped yet
@@ -299,7 +320,7 @@ def _forker_main(  # pragma: no cover - runs in the forker
             timeout = 0 if len(idle) < pool_size else None
             ready = {ready_fd for ready_fd, _ in poller.poll(timeout)}
             if not ready:
-                idle.append(_fork_idle(forked))
+                idle.append(_fork_idle(forked, narrow_to))
                 continue
             if wake_r in ready:
                 os.read(wake_r, 4096)
@@ -316,16 +337,36 @@ def _forker_main(  # pragma: no cover - runs in the forker
                 if not data:
                     return  # the daemon closed its end
                 if data[:1] == _RESIDENT:
-                    _answer_resident(fd, data[1:], alive, forked, keeping)
+                    _answer_resident(fd, data[1:], alive, forked, (keeping, narrow_to, pid_ns))
                     continue
                 try:
-                    _hand_over(idle, data, fds, forked)
+                    _hand_over(idle, data, fds, forked, narrow_to)
                 finally:
                     for passed in fds:
                         os.close(passed)
     finally:
         for end in idle:
             os.close(end)
+
+
+def _our_pid_namespace() -> int:  # pragma: no cover - runs in the forker
+    """Our PID namespace (a descriptor to return to) if residents can be forked into namespaces
+    of their own: as root with ``CAP_SYS_ADMIN`` and ``CAP_SETPCAP``, and unshare() allowed (the
+    shipped systemd unit allows neither); else -1."""
+    with open("/proc/self/status") as status:
+        effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    wanted = sum(1 << cap for cap in _NAMESPACE_CAPABILITIES)
+    if os.geteuid() != 0 or effective & wanted != wanted:
+        log.info("no PID namespaces for residents: the helper lacks CAP_SYS_ADMIN or CAP_SETPCAP")
+        return -1
+    fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if _libc.unshare(_CLONE_NEWPID) != 0:
+        reason = os.strerror(ctypes.get_errno())
+        os.close(fd)
+        log.info("no PID namespaces for residents: unshare(CLONE_NEWPID): %s", reason)
+        return -1
+    _check(_libc.setns(fd, _CLONE_NEWPID), "setns(our PID namespace)")
+    return fd
 
 
 def _reap(alive: dict[int, int], forked: set[int]) -> None:  # pragma: no cover - in the forker
@@ -383,10 +424,10 @@ def _kill_as_owner(pid: int) -> None:  # pragma: no cover - runs in the forker
 
 
 def _answer_resident(  # pragma: no cover - runs in the forker
-    fd: int, identity: bytes, alive: dict[int, int], forked: set[int], keeping: _Keeping
+    fd: int, identity: bytes, alive: dict[int, int], forked: set[int], how: _HowToFork
 ) -> None:
     try:
-        pid, channel, alive_w, state_fd = _fork_resident(identity, keeping)
+        pid, channel, alive_w, state_fd = _fork_resident(identity, *how)
     except OSError as exc:
         with contextlib.suppress(OSError):
             _send(fd, STATUS_ERROR + str(exc).encode()[:2000], [])
@@ -403,10 +444,11 @@ def _answer_resident(  # pragma: no cover - runs in the forker
 
 
 def _fork_resident(  # pragma: no cover - runs in the forker
-    identity: bytes, keeping: _Keeping
+    identity: bytes, keeping: _Keeping, narrow_to: frozenset[int] | None, pid_ns: int
 ) -> tuple[int, int, int, int]:
-    """Fork a resident supervisor; return its pid, the daemon's channel end, our alive pipe end
-    and the memfd of its state byte."""
+    """Fork a resident supervisor, as the init of a new PID namespace when *pid_ns* (ours) is
+    given; return its pid, the daemon's channel end, our alive pipe end and the memfd of its state
+    byte."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     our_fd, their_fd = ours.detach(), theirs.detach()
     alive_r, alive_w = os.pipe()
@@ -414,7 +456,7 @@ def _fork_resident(  # pragma: no cover - runs in the forker
     try:
         os.ftruncate(state_fd, 1)
         state = mmap.mmap(state_fd, 1)
-        pid = os.fork()
+        pid = _fork_into_pid_namespace(pid_ns)
     except BaseException:
         for end in (our_fd, their_fd, alive_r, alive_w, state_fd):
             os.close(end)
@@ -422,6 +464,8 @@ def _fork_resident(  # pragma: no cover - runs in the forker
     if pid == 0:
         code = 70
         try:
+            if narrow_to is not None:
+                drop_capabilities(narrow_to, quiet=True)
             resident_main(their_fd, alive_r, identity, state, *keeping)
             code = 0
         finally:
@@ -432,11 +476,30 @@ def _fork_resident(  # pragma: no cover - runs in the forker
     return pid, our_fd, alive_w, state_fd
 
 
+def _fork_into_pid_namespace(pid_ns: int) -> int:  # pragma: no cover - runs in the forker
+    """``os.fork()``; the child is the init of a new PID namespace unless *pid_ns* (ours, which
+    this process returns to for its next children) is -1."""
+    if pid_ns < 0:
+        return os.fork()
+    _check(_libc.unshare(_CLONE_NEWPID), "unshare(PID namespace)")
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            _check(_libc.setns(pid_ns, _CLONE_NEWPID), "setns(our PID namespace)")
+    return pid
+
+
 def _hand_over(  # pragma: no cover - runs in the forker
-    idle: list[int], job: bytes, fds: list[int], forked: set[int]
+    idle: list[int],
+    job: bytes,
+    fds: list[int],
+    forked: set[int],
+    narrow_to: frozenset[int] | None,
 ) -> None:
     while True:
-        end = idle.pop(0) if idle else _fork_idle(forked)
+        end = idle.pop(0) if idle else _fork_idle(forked, narrow_to)
         try:
             _send(end, job, fds)
             return
@@ -449,13 +512,17 @@ def _hand_over(  # pragma: no cover - runs in the forker
             os.close(end)
 
 
-def _fork_idle(forked: set[int]) -> int:  # pragma: no cover - runs in the forker
+def _fork_idle(
+    forked: set[int], narrow_to: frozenset[int] | None
+) -> int:  # pragma: no cover - runs in the forker
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     our_fd, their_fd = ours.detach(), theirs.detach()
     pid = os.fork()
     if pid == 0:
         code = 70
         try:
+            if narrow_to is not None:
+                drop_capabilities(narrow_to, quiet=True)
             _pooled_main(their_fd)
             code = 0
         finally:

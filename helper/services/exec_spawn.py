@@ -437,8 +437,10 @@ def _kill_tree(child: int) -> None:  # pragma: no cover
     """SIGKILL the command's process group and every descendant left; reap them all.
 
     With no child left there is nothing to do: a descendant still alive would be a child of this
-    subreaper or of one of its children.  Otherwise the group alone first (the command itself has
-    usually been reaped), then what is still alive outside it, found among the children.
+    subreaper or of one of its children.  In a PID namespace of its own (a resident is its init),
+    everything else in the namespace is the command's, and one ``kill(-1)`` reaches all of it.
+    Otherwise the group alone first (the command itself has usually been reaped), then what is
+    still alive outside it, found among the children.
     """
     group_killed = False
     while True:
@@ -448,13 +450,17 @@ def _kill_tree(child: int) -> None:  # pragma: no cover
             return  # nothing left: the common case, without a kill or reading /proc
         if pid:
             continue
-        if not group_killed:
+        if os.getpid() == 1:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(-1, signal.SIGKILL)  # all but init itself
+        elif not group_killed:
             group_killed = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child, signal.SIGKILL)
             continue
-        for pid in _children():
-            _signal_group(pid, signal.SIGKILL)
+        else:
+            for pid in _children():
+                _signal_group(pid, signal.SIGKILL)
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:

@@ -8,6 +8,7 @@ Used by ``test_exec*.py``::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import re
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,14 +98,19 @@ def _wait_ready(path: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextlib.contextmanager
 def running_helper(
-    config_body: str, *, helper_table: str = "", as_user: int | None = None
+    config_body: str,
+    *,
+    helper_table: str = "",
+    as_user: int | None = None,
+    prefix: Sequence[str] = (),
 ) -> Iterator[Helper]:
     """Write a config (a world-traversable temp dir, so other uids reach the socket), start the
     helper, wait until it accepts connections, and stop it (by PID) afterwards.
 
     *config_body* holds the ``[exec.*]`` (and ``[dns]``, ``[mail]``) tables, where
     ``{socket_dir}`` stands for the jail's ``run/`` directory and ``{spool}`` for a fresh spool
-    directory; *helper_table* extra ``[helper]`` lines; *as_user* starts the helper as that uid.
+    directory; *helper_table* extra ``[helper]`` lines; *as_user* starts the helper as that uid;
+    *prefix* is a command that runs it (``setpriv ...``).
     """
     base = Path(tempfile.mkdtemp(prefix="chroot-helper-test-"))
     base.chmod(0o755)
@@ -123,7 +129,7 @@ def running_helper(
     log = base / "helper.log"
     with open(log, "wb") as log_fh:
         proc = subprocess.Popen(
-            [*HELPER, "serve", "--config", str(config), "--log-level", "DEBUG"],
+            [*prefix, *HELPER, "serve", "--config", str(config), "--log-level", "DEBUG"],
             stdout=log_fh,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -188,6 +194,32 @@ def processes_with(marker: str) -> list[int]:
         if cmdline.startswith(marker):
             found.append(int(entry))
     return found
+
+
+#: Shell code that sets $supervisor to the pid of a command's supervisor as the host sees it (a
+#: resident is PID 1 of its commands' PID namespace; /proc/self/status gives the host's pid).
+SUPERVISOR = (
+    'while read key value; do [ "$key" = PPid: ] && supervisor=$value; done < /proc/self/status; '
+)
+
+
+def run_and_kill_its_supervisor(script: str, **streams: object) -> int:
+    """Run *script* with the ``sh`` command and *streams*; kill its supervisor once the script has
+    started (as an administrator or the OOM killer would); return the call's return code."""
+    from chroot_helper import client
+
+    shared = Path(tempfile.mkdtemp(prefix="chroot-helper-supervisor-"))
+    try:
+        shared.chmod(0o777)  # the command runs as nobody
+        marker = shared / "supervisor"
+        announce = f"echo $supervisor > {marker}.new; mv {marker}.new {marker}; "
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(client.run, ["sh", SUPERVISOR + announce + script], **streams)
+            wait_until(marker.exists, what="the command to start")
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+            return call.result(timeout=30).returncode
+    finally:
+        shutil.rmtree(shared)
 
 
 def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]

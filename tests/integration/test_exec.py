@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from chroot_helper import client, protocol
 from chroot_helper.errors import BusyError, CommandError
-from helper_daemon import Helper, processes_with, running_helper, wait_until
+from helper_daemon import (
+    SUPERVISOR,
+    Helper,
+    processes_with,
+    run_and_kill_its_supervisor,
+    running_helper,
+    wait_until,
+)
 
 COMMANDS = """
 [exec.echo]
@@ -334,31 +341,57 @@ def test_client_disconnect_kills_the_tree_when_the_helper_relays_the_streams(
 def test_a_command_cannot_look_into_its_supervisor() -> None:
     # The supervisor has the command's uid and serves one client after another: its memory,
     # environment and descriptors stay closed to the commands it runs.
-    script = "cat /proc/$PPID/environ; ls /proc/$PPID/fd; head -c1 /proc/$PPID/mem"
+    script = (
+        SUPERVISOR + "echo $supervisor; "
+        "cat /proc/$supervisor/environ; ls /proc/$supervisor/fd; head -c1 /proc/$supervisor/mem"
+    )
     done = client.run(["sh", script], capture_output=True, text=True)
-    assert done.stdout == ""
+    supervisor = int(done.stdout)
+    assert b"chroot_helper" in Path(f"/proc/{supervisor}/cmdline").read_bytes()
     assert done.stderr.count("Permission denied") == 3, done.stderr
 
 
-def test_a_command_that_kills_its_supervisor_gets_sigkill_and_the_helper_goes_on() -> None:
+def test_a_command_can_signal_nothing_outside_its_supervisors_pid_namespace() -> None:
+    # The resident is PID 1 of a namespace of its own: its commands see only their own
+    # processes and it. Signals to PID 1 that it has no handler for (SIGKILL) are dropped, and
+    # another process of the same uid is out of reach.
+    outsider = subprocess.Popen(["sleep", "3621"], user=65534, group=65534, extra_groups=[])
+    try:
+        script = f"echo $PPID; kill -9 $PPID; echo survived; kill -9 {outsider.pid}"
+        done = client.run(["sh", script], capture_output=True, text=True)
+        assert done.stdout.split() == ["1", "survived"]
+        assert "No such process" in done.stderr
+        assert done.returncode != 0
+        assert outsider.poll() is None
+    finally:
+        outsider.kill()
+        outsider.wait()
+
+
+def test_without_cap_sys_admin_residents_share_the_helpers_pid_namespace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As under the shipped systemd unit: no namespaces, so the process group and the subreaper
+    # alone kill the tree, and the log says why.
+    no_admin = ["setpriv", "--bounding-set", "-sys_admin"]
+    commands = '[exec.sh]\nargv = ["/bin/sh", "-c"]\nargs = "any"\n'  # needs no namespaces
+    with running_helper(commands, prefix=no_admin) as limited:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", limited.socket)
+        script = "echo $PPID; sleep 3641 & setsid sleep 3642 &"
+        done = client.run(["sh", script], capture_output=True)
+        assert int(done.stdout) != 1
+        assert processes_with("sleep 364") == []
+        assert "no PID namespaces for residents" in limited.log_text()
+
+
+def test_a_supervisor_that_dies_ends_the_call_with_sigkill_and_leaves_no_process() -> None:
     # Whether the supervisor talks to the client itself or the daemon relays (capture_output),
-    # its death ends the command's call like a kill.
-    killed = client.run(["sh", "kill -9 $PPID"], stdin=client.DEVNULL, stdout=client.DEVNULL)
-    assert killed.returncode == -signal.SIGKILL
-    # Relayed, the daemon feeds stdin only once the supervisor has reported the start.
-    relayed = client.run(["sh", "read go; kill -9 $PPID"], input=b"go\n", capture_output=True)
-    assert relayed.returncode == -signal.SIGKILL
-    assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
-
-
-def test_a_command_that_kills_its_supervisor_leaves_no_process_behind() -> None:
-    # The supervisor runs as the command's uid, so the command can kill it; what the command
-    # started (in its own session, too) must still be killed and reaped.
-    script = "sleep 3611 & setsid sleep 3612 & sleep 0.5; kill -9 $PPID; sleep 3613"
-    for stdout in (client.DEVNULL, client.PIPE):  # handed off, and relayed by the daemon
-        killed = client.run(["sh", script], stdin=client.DEVNULL, stdout=stdout)
-        assert killed.returncode == -signal.SIGKILL
-        wait_until(lambda: processes_with("sleep 361") == [], what="the orphans to be killed")
+    # its death ends the call like a kill; the kernel kills everything in its namespace, the
+    # command's background and setsid children too.
+    script = "sleep 3611 & setsid sleep 3612 & sleep 3613"
+    for streams in ({"stdin": client.DEVNULL, "stdout": client.DEVNULL}, {"capture_output": True}):
+        assert run_and_kill_its_supervisor(script, **streams) == -signal.SIGKILL
+        wait_until(lambda: processes_with("sleep 361") == [], what="the tree to be killed")
     assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from chroot_helper import client
 from chroot_helper.errors import CommandError
-from helper_daemon import Helper, running_helper, wait_until
+from helper_daemon import Helper, run_and_kill_its_supervisor, running_helper, wait_until
 
 COMMANDS = """
 [exec.echo]
@@ -177,11 +177,11 @@ def test_a_killed_idle_resident_costs_the_client_nothing(helper: Helper, tmp_pat
     assert (tmp_path / "out").read_text().split() == ["before", "after"]
 
 
-def test_a_kept_command_that_kills_its_supervisor_gets_sigkill() -> None:
+def test_a_kept_command_whose_supervisor_dies_gets_sigkill() -> None:
     client.run(["echo"], stdin=client.DEVNULL, stdout=client.DEVNULL)
     held = sockets()
-    killed = client.run(["sh", "kill -9 $PPID"], stdin=client.DEVNULL, stdout=client.DEVNULL)
-    assert killed.returncode == -signal.SIGKILL
+    killed = run_and_kill_its_supervisor("sleep 3631", stdin=client.DEVNULL, stdout=client.DEVNULL)
+    assert killed == -signal.SIGKILL
     assert sockets() <= held  # that connection was the kept one, and it is gone
     assert client.run(["echo", "on"], capture_output=True).stdout == b"on\n"
 
