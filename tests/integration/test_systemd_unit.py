@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from chroot_helper import client
+from helper_daemon import running_helper
 
 UNIT = Path(__file__).parents[2] / "apache" / "chroot-helper.service"
 INSTALLED_PATH = "/usr/local/bin/chroot-helper"
@@ -54,3 +57,52 @@ def test_security_exposure_is_ok(unit):
     assert match[0] in readme, f"README.md should quote the current score: {match[0]}"
     for setting in ("ProtectSystem=", "PrivateTmp=", "PrivateDevices=", "NoNewPrivileges="):
         assert re.search(rf"✓ {re.escape(setting)}\s", result.stdout), setting
+
+
+def _settings(name: str) -> list[str]:
+    return re.findall(rf"^{name}=(.*)$", UNIT.read_text(), re.MULTILINE)
+
+
+@functools.cache
+def _syscalls(name: str) -> frozenset[str]:
+    """The system calls *name* stands for: itself, or a group's members, expanded by systemd."""
+    if not name.startswith("@"):
+        return frozenset({name})
+    listing = analyze("syscall-filter", name).stdout.splitlines()[1:]
+    members = (line.strip() for line in listing)
+    return frozenset().union(*(_syscalls(m) for m in members if m and not m.startswith("#")))
+
+
+def test_the_system_call_filter_allows_what_the_helper_calls() -> None:
+    # The unit's lines in order: an allow list, then what they take away and give back.
+    lines = _settings("SystemCallFilter")
+    assert not lines[0].startswith("~"), "the first SystemCallFilter= must be an allow list"
+    allowed: set[str] = set()
+    for value in lines:
+        names = set().union(*(_syscalls(name) for name in value.lstrip("~").split()))
+        if value.startswith("~"):
+            allowed -= names
+        else:
+            allowed |= names
+    # Dropping its capabilities, running commands as their users under their limits, and the
+    # exec service's own calls.
+    needed = {"capset", "prctl", "setresuid", "setresgid", "setgroups", "prlimit64"}
+    needed |= {"clone3", "execve", "wait4", "kill", "sched_yield", "memfd_create", "sendmsg"}
+    assert needed - allowed == set()
+
+
+def test_the_helper_starts_and_serves_with_the_units_capabilities(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # systemd does not run this machine: start the helper as the unit would, as far as its
+    # capability bounding set and no_new_privs go, and use it.
+    (capabilities,) = _settings("CapabilityBoundingSet")
+    keep = [f"+{name.removeprefix('CAP_').lower()}" for name in capabilities.split()]
+    assert _settings("NoNewPrivileges") == ["yes"]
+    prefix = ["setpriv", "--bounding-set", ",".join(["-all", *keep]), "--no-new-privs"]
+    commands = '[exec.echo]\nargv = ["/bin/echo"]\nargs = "any"\n'
+    with running_helper(commands, prefix=prefix) as helper:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
+        done = client.run(["echo", "under", "the", "unit"], capture_output=True)
+        assert done.stdout == b"under the unit\n"
+        assert "kept capabilities [6, 7]" in helper.log_text()
