@@ -41,6 +41,7 @@ CAP_SETUID: Final = 7
 CAP_SETPCAP: Final = 8
 CAP_NET_BIND_SERVICE: Final = 10
 CAP_SYS_ADMIN: Final = 21
+_PR_CAPBSET_READ: Final = 23
 _PR_CAPBSET_DROP: Final = 24
 _CAPABILITY_VERSION_3: Final = 0x20080522
 
@@ -78,7 +79,9 @@ def drop_capabilities(keep: Iterable[int], *, quiet: bool = False) -> None:
         return
     wanted = frozenset(keep)
     for cap in range(_last_cap() + 1):
-        if cap not in wanted and _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+        if cap in wanted or _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 0:
+            continue  # kept, or gone already (dropping it would take CAP_SETPCAP all the same)
+        if _libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"prctl(PR_CAPBSET_DROP, {cap}): {os.strerror(err)}")
     mask = sum(1 << cap for cap in wanted)

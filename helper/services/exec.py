@@ -98,6 +98,7 @@ class ExecService(Service):
         self._forker: Forker | None = None
         self._pool: ResidentPool | None = None
         self._forker_pids: list[int] = []
+        self._reaping: set[asyncio.Future[None]] = set()
         #: /dev/null for reading and for writing, shared by every command with a "null" stream.
         self.null_fds: tuple[int, int] = (-1, -1)
         #: Commands whose resident talks to the client, by the descriptor their outcome comes on.
@@ -108,11 +109,7 @@ class ExecService(Service):
         :mod:`~chroot_helper.services.exec_forker`)."""
         if self.commands:
             self.null_fds = (os.open(os.devnull, os.O_RDONLY), os.open(os.devnull, os.O_WRONLY))
-            one_shot = any(not runs_in_resident(cmd) for cmd in self.commands.values())
-            self._forker = Forker.start(
-                self.capabilities, self.table, pool=one_shot, idle_timeout=self.idle_timeout
-            )
-            self._forker_pids.append(self._forker.pid)
+            self._forker = self._start_forker()
             self._pool = ResidentPool(self._forker)
             for name, cmd in self.commands.items():
                 if runs_in_resident(cmd):
@@ -135,29 +132,89 @@ class ExecService(Service):
         A resident also takes over the *client* connection when given one (see
         :meth:`ResidentPool.start`; the result says whether it did).
         """
-        if self._forker is not None and self._pool is not None:
+        for _ in range(2):  # a second time with another forker if this one has gone
+            if self._forker is None or self._pool is None:
+                break
             try:
-                if spec.network and not spec.pid_namespace:
-                    return await self._pool.start(
-                        spec,
-                        self.table.identities[name],
-                        client=client,
-                        name=name,
-                        timeout=timeout,
-                        started=started,
-                        keep=keep,
-                        peer=peer,
-                    )
-                return self._forker.spawn(spec)
+                return await self._from_forker(
+                    self._forker,
+                    self._pool,
+                    spec,
+                    name=name,
+                    client=client,
+                    timeout=timeout,
+                    started=started,
+                    keep=keep,
+                    peer=peer,
+                )
             except BlockingIOError:
                 log.info("the forker's queue is full; forking a supervisor in the daemon")
             except ConnectionError as exc:
-                log.warning("the forker is gone (%s); forking supervisors in the daemon", exc)
-                self._forker.close()
-                self._forker = None
+                log.warning("the forker is gone (%s); starting another forker", exc)
+                self._restart_forker()
+                continue
             except OSError as exc:
                 log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
+            break
         return spawn(spec)
+
+    async def _from_forker(
+        self,
+        forker: Forker,
+        pool: ResidentPool,
+        spec: SpawnSpec,
+        *,
+        name: str,
+        client: int | None,
+        timeout: float,
+        started: bool,
+        keep: bool,
+        peer: str,
+    ) -> Supervisor:
+        """A resident supervisor from *pool*, or a one-shot one from *forker*'s pool.
+
+        :raises OSError: none from the forker (:exc:`ConnectionError`: it has gone).
+        """
+        if spec.network and not spec.pid_namespace:
+            return await pool.start(
+                spec,
+                self.table.identities[name],
+                client=client,
+                name=name,
+                timeout=timeout,
+                started=started,
+                keep=keep,
+                peer=peer,
+            )
+        return forker.spawn(spec)
+
+    def _start_forker(self) -> Forker:
+        one_shot = any(not runs_in_resident(cmd) for cmd in self.commands.values())
+        forker = Forker.start(
+            self.capabilities, self.table, pool=one_shot, idle_timeout=self.idle_timeout
+        )
+        self._forker_pids.append(forker.pid)
+        return forker
+
+    def _restart_forker(self) -> None:
+        """Start another forker in place of one that has gone (it is the subreaper that kills
+        what a killed supervisor leaves behind); without one, supervisors are forked here."""
+        if self._forker is None or self._pool is None:
+            return
+        gone = self._forker
+        gone.close()
+        self._forker = None
+        self._forker_pids.remove(gone.pid)
+        reaping = asyncio.ensure_future(_reap(gone.pid))
+        self._reaping.add(reaping)
+        reaping.add_done_callback(self._reaping.discard)
+        try:
+            forker = self._start_forker()
+        except OSError as exc:
+            log.warning("cannot start another forker (%s); forking supervisors in the daemon", exc)
+            return
+        self._forker = forker
+        self._pool.replace_forker(forker)
 
     def release(self, sup: Supervisor, *, reusable: bool) -> None:
         """Done with *sup*: a resident goes back to the pool when *reusable*; anything else is

@@ -17,8 +17,10 @@ subreaper: a command that kills its own supervisor (same uid) leaves its tree to
 SIGKILLs every child it did not fork itself until none is left (as the stray's uid: no
 ``CAP_KILL`` needed).  A resident forked into a PID namespace of its own (as root) cannot be
 killed by its commands, and takes them with it when it dies.
-If the forker dies, the exec service forks one-shot supervisors itself
-(:func:`~chroot_helper.services.exec_spawn.spawn`).
+If the forker dies, the exec service starts another when it next needs one (forked from the
+daemon, which has dropped the capabilities PID namespaces take: its residents share the helper's),
+and forks one-shot supervisors itself (:func:`~chroot_helper.services.exec_spawn.spawn`) only if
+that fails.
 """
 
 from __future__ import annotations

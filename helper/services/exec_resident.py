@@ -190,6 +190,8 @@ class ResidentPool:
         self._forker = forker
         self._idle: dict[bytes, list[_Resident]] = {}
         self._busy: dict[int, _Resident] = {}
+        #: Busy residents whose forker has gone: not reused.
+        self._forkers_gone: set[_Resident] = set()
         self._refilling: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -245,6 +247,16 @@ class ResidentPool:
             state=state,
         )
 
+    def replace_forker(self, forker: Forker) -> None:
+        """Ask *forker* for residents from now on (the last one has gone); those of the last one
+        exit once idle: the idle ones are let go now, the busy ones when released."""
+        self._forker = forker
+        for idle in self._idle.values():
+            for resident in idle:
+                _close(resident)
+        self._idle.clear()
+        self._forkers_gone.update(self._busy.values())
+
     def prewarm(self, identity: bytes) -> None:
         """Have a resident at *identity* ready before the first request needs one."""
         if not self._idle.get(identity):
@@ -256,6 +268,8 @@ class ResidentPool:
         resident = self._busy.pop(sup.status_fd, None)
         if resident is None:
             return
+        reusable = reusable and resident not in self._forkers_gone
+        self._forkers_gone.discard(resident)
         idle = self._idle.setdefault(sup.resident or b"", [])
         if reusable and len(idle) < MAX_IDLE:
             idle.append(resident)

@@ -613,11 +613,40 @@ def test_exec_keeps_working_when_the_forker_dies(monkeypatch: pytest.MonkeyPatch
         pooled = Path(f"/proc/{forker}/task/{forker}/children").read_text().split()
         assert len(pooled) >= 1
         os.kill(forker, signal.SIGKILL)
-        # Its idle supervisors notice and exit; the daemon forks supervisors itself from now on.
+        # Its idle supervisors notice and exit; another forker takes its place.
         wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in pooled), what="pool exit")
         assert client.run(["echo", "fallback"], capture_output=True).stdout == b"fallback\n"
         assert client.run(["echo", "again"], capture_output=True).stdout == b"again\n"
         assert "the forker is gone" in alone.log_text()
+
+
+def _exited(pid: int) -> bool:
+    """*pid* has exited: it is a zombie (no command line) or gone."""
+    try:
+        return not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return True
+
+
+def test_after_the_forker_dies_a_command_that_kills_its_supervisor_leaves_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The forker is the subreaper that kills what a killed supervisor leaves: another one takes
+    # its place, and without CAP_SYS_ADMIN (dropped by the daemon) its residents share the
+    # helper's PID namespace, so a command can kill its supervisor again.
+    body = '[exec.sh]\nargv = ["/bin/sh", "-c"]\nargs = "any"\n'
+    with running_helper(body) as alone:
+        monkeypatch.setenv("CHROOT_HELPER_SOCKET", alone.socket)
+        pid = alone.proc.pid
+        (forker,) = map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+        os.kill(forker, signal.SIGKILL)
+        wait_until(lambda: _exited(forker), what="the forker to exit")
+        script = "sleep 3661 & setsid sleep 3662 & sleep 0.3; kill -9 $PPID; sleep 3663"
+        done = client.run(["sh", script], stdin=client.DEVNULL, stdout=client.DEVNULL)
+        assert done.returncode == -signal.SIGKILL
+        wait_until(lambda: processes_with("sleep 366") == [], what="the orphans to be killed")
+        assert client.run(["sh", "echo on"], capture_output=True).stdout == b"on\n"
+        assert "starting another forker" in alone.log_text()
 
 
 def test_helper_started_without_root_runs_commands_as_itself(
