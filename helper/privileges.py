@@ -25,9 +25,12 @@ import resource
 from collections.abc import Iterable
 from typing import Final
 
+from .errors import ConfigError
+
 __all__ = [
     "CAP_SETGID",
     "CAP_SETUID",
+    "CAP_SETPCAP",
     "CAP_SYS_ADMIN",
     "CAP_NET_BIND_SERVICE",
     "drop_capabilities",
@@ -41,6 +44,13 @@ CAP_SETUID: Final = 7
 CAP_SETPCAP: Final = 8
 CAP_NET_BIND_SERVICE: Final = 10
 CAP_SYS_ADMIN: Final = 21
+#: The capabilities the helper may keep, and what for.
+_USES: Final = {
+    CAP_SETGID: "CAP_SETGID (to run commands as their users)",
+    CAP_SETUID: "CAP_SETUID (to run commands as their users)",
+    CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE (to bind a port below 1024)",
+    CAP_SYS_ADMIN: "CAP_SYS_ADMIN (for commands with network = false or pid_namespace = true)",
+}
 _PR_CAPBSET_READ: Final = 23
 _PR_CAPBSET_DROP: Final = 24
 _CAPABILITY_VERSION_3: Final = 0x20080522
@@ -73,11 +83,20 @@ def drop_capabilities(keep: Iterable[int], *, quiet: bool = False) -> None:
     """Keep only the capabilities in *keep*, in every set including the bounding set (dropping
     from it takes ``CAP_SETPCAP``); log what is kept unless *quiet*.
 
+    :raises ConfigError: the process lacks a capability in *keep*.
     :raises OSError: the kernel refused (the daemon then must not go on as full root).
     """
     if os.geteuid() != 0:
         return
     wanted = frozenset(keep)
+    missing = sorted(cap for cap in wanted if _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1)
+    if missing:
+        names = ", ".join(_USES.get(cap, f"capability {cap}") for cap in missing)
+        raise ConfigError(
+            f"the helper needs {names} but was started without it: add it to the capability "
+            "bounding set it runs with (the systemd unit's CapabilityBoundingSet=), or change "
+            "the configuration that needs it"
+        )
     for cap in range(_last_cap() + 1):
         if cap in wanted or _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) == 0:
             continue  # kept, or gone already (dropping it would take CAP_SETPCAP all the same)

@@ -463,6 +463,25 @@ def test_invalid_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     assert "[exec.echo] timeout = -1" in done.stderr
 
 
+def test_a_missing_capability_fails_at_start_naming_it_and_what_needs_it(tmp_path: Path) -> None:
+    config = tmp_path / "offline.toml"
+    config.write_text(
+        f'[helper]\nsocket = "{tmp_path}/helper.sock"\nallow_uids = [33]\n'
+        '[exec.offline]\nargv = ["/bin/true"]\nnetwork = false\n'
+    )
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-sys_admin"]
+        + [sys.executable, "-m", "chroot_helper.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 78
+    assert "needs CAP_SYS_ADMIN (for commands with network = false" in done.stderr
+    assert "CapabilityBoundingSet=" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_unreachable_helper_names_the_socket(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
