@@ -354,7 +354,7 @@ def _forker_main(  # pragma: no cover - runs in the forker
 def _our_pid_namespace() -> int:  # pragma: no cover - runs in the forker
     """Our PID namespace (a descriptor to return to) if residents can be forked into namespaces
     of their own: as root with ``CAP_SYS_ADMIN`` and ``CAP_SETPCAP``, and unshare() allowed (the
-    shipped systemd unit allows neither); else -1."""
+    systemd unit we ship allows that); else -1."""
     with open("/proc/self/status") as status:
         effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
     wanted = sum(1 << cap for cap in _NAMESPACE_CAPABILITIES)

@@ -11,11 +11,12 @@ tree is dead and reaped before the exit status is reported.
 
 Used for commands that need no namespace of their own (``network = true``,
 ``pid_namespace = false``); those that do get a one-shot supervisor, which unshares while still
-root.  When the helper runs as root (with ``CAP_SYS_ADMIN``, which the shipped systemd unit does
-not grant), the forker forks each resident as PID 1 of a PID namespace of its own: its commands
-can signal nothing outside it (nor kill it: the kernel drops SIGKILL sent to a namespace's init
-from inside), and if it dies, the kernel kills everything left in it.  Residents are keyed by
-identity (uid, gid, groups, rlimits), so commands with the same identity share them.
+root.  When the helper runs as root (with ``CAP_SYS_ADMIN`` and ``CAP_SETPCAP``, as the systemd
+unit we ship grants), the forker forks each resident as PID 1 of a PID namespace of its own: its
+commands can signal nothing outside it (nor kill it: the kernel drops SIGKILL sent to a
+namespace's init from inside), and if it dies, the kernel kills everything left in it.
+Residents are keyed by identity (uid, gid, groups, rlimits), so commands with the same identity
+share them.
 
 Channel messages, daemon -> resident: a job, JSON ``{"argv", "env", "cwd", ...}`` with exactly
 three descriptors (stdin, stdout, stderr) beside it, and the client's connection as a fourth when

@@ -88,7 +88,9 @@ def test_the_system_call_filter_allows_what_the_helper_calls() -> None:
     # exec service's own calls.
     needed = {"capset", "prctl", "setresuid", "setresgid", "setgroups", "prlimit64"}
     needed |= {"clone3", "execve", "wait4", "kill", "sched_yield", "memfd_create", "sendmsg"}
+    needed |= {"unshare", "setns"}  # the forker's PID namespaces for supervisors
     assert needed - allowed == set()
+    assert _settings("RestrictNamespaces") == ["pid"]
 
 
 def test_the_helper_starts_and_serves_with_the_units_capabilities(
@@ -100,9 +102,11 @@ def test_the_helper_starts_and_serves_with_the_units_capabilities(
     keep = [f"+{name.removeprefix('CAP_').lower()}" for name in capabilities.split()]
     assert _settings("NoNewPrivileges") == ["yes"]
     prefix = ["setpriv", "--bounding-set", ",".join(["-all", *keep]), "--no-new-privs"]
-    commands = '[exec.echo]\nargv = ["/bin/echo"]\nargs = "any"\n'
+    commands = '[exec.sh]\nargv = ["/bin/sh", "-c"]\nargs = "any"\n'
     with running_helper(commands, prefix=prefix) as helper:
         monkeypatch.setenv("CHROOT_HELPER_SOCKET", helper.socket)
-        done = client.run(["echo", "under", "the", "unit"], capture_output=True)
-        assert done.stdout == b"under the unit\n"
-        assert "kept capabilities [6, 7]" in helper.log_text()
+        done = client.run(["sh", "echo under the unit, parent $PPID"], capture_output=True)
+        assert done.stdout == b"under the unit, parent 1\n"  # in a PID namespace
+        log = helper.log_text()
+        assert "kept capabilities [6, 7]; dropped the rest" in log  # the daemon
+        assert "kept capabilities [6, 7, 8, 21]; dropped the rest" in log  # its forker
