@@ -133,20 +133,22 @@ class ExecService(Service):
         :meth:`ResidentPool.start`; the result says whether it did).
         """
         for _ in range(2):  # a second time with another forker if this one has gone
-            if self._forker is None or self._pool is None:
+            forker, pool = self._forker, self._pool
+            if forker is None or pool is None:
                 break
             try:
-                return await self._from_forker(
-                    self._forker,
-                    self._pool,
-                    spec,
-                    name=name,
-                    client=client,
-                    timeout=timeout,
-                    started=started,
-                    keep=keep,
-                    peer=peer,
-                )
+                if spec.network and not spec.pid_namespace:
+                    return await pool.start(
+                        spec,
+                        self.table.identities[name],
+                        client=client,
+                        name=name,
+                        timeout=timeout,
+                        started=started,
+                        keep=keep,
+                        peer=peer,
+                    )
+                return forker.spawn(spec)
             except BlockingIOError:
                 log.info("the forker's queue is full; forking a supervisor in the daemon")
             except ConnectionError as exc:
@@ -157,36 +159,6 @@ class ExecService(Service):
                 log.warning("no supervisor from the forker (%s); forking one in the daemon", exc)
             break
         return spawn(spec)
-
-    async def _from_forker(
-        self,
-        forker: Forker,
-        pool: ResidentPool,
-        spec: SpawnSpec,
-        *,
-        name: str,
-        client: int | None,
-        timeout: float,
-        started: bool,
-        keep: bool,
-        peer: str,
-    ) -> Supervisor:
-        """A resident supervisor from *pool*, or a one-shot one from *forker*'s pool.
-
-        :raises OSError: none from the forker (:exc:`ConnectionError`: it has gone).
-        """
-        if spec.network and not spec.pid_namespace:
-            return await pool.start(
-                spec,
-                self.table.identities[name],
-                client=client,
-                name=name,
-                timeout=timeout,
-                started=started,
-                keep=keep,
-                peer=peer,
-            )
-        return forker.spawn(spec)
 
     def _start_forker(self) -> Forker:
         one_shot = any(not runs_in_resident(cmd) for cmd in self.commands.values())
