@@ -34,6 +34,7 @@ __all__ = [
     "CAP_SYS_ADMIN",
     "CAP_NET_BIND_SERVICE",
     "drop_capabilities",
+    "lacking",
     "raise_open_files_limit",
 ]
 
@@ -79,6 +80,11 @@ def _last_cap() -> int:
         return 40
 
 
+def lacking(capabilities: Iterable[int]) -> list[int]:
+    """Those of *capabilities* this process cannot have: they are out of its bounding set."""
+    return sorted(cap for cap in capabilities if _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1)
+
+
 def drop_capabilities(keep: Iterable[int], *, quiet: bool = False) -> None:
     """Keep only the capabilities in *keep*, in every set including the bounding set (dropping
     from it takes ``CAP_SETPCAP``); log what is kept unless *quiet*.
@@ -89,7 +95,7 @@ def drop_capabilities(keep: Iterable[int], *, quiet: bool = False) -> None:
     if os.geteuid() != 0:
         return
     wanted = frozenset(keep)
-    missing = sorted(cap for cap in wanted if _libc.prctl(_PR_CAPBSET_READ, cap, 0, 0, 0) != 1)
+    missing = lacking(wanted)
     if missing:
         names = ", ".join(_USES.get(cap, f"capability {cap}") for cap in missing)
         raise ConfigError(

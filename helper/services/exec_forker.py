@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ..fdpass import ancillary_space, fds_from_ancdata, scm_rights
-from ..privileges import CAP_SETPCAP, CAP_SYS_ADMIN, drop_capabilities
+from ..privileges import CAP_SETPCAP, CAP_SYS_ADMIN, drop_capabilities, lacking
 from .exec_calls import CommandTable
 from .exec_resident import resident_main
 from .exec_spawn import (
@@ -355,10 +355,7 @@ def _our_pid_namespace() -> int:  # pragma: no cover - runs in the forker
     """Our PID namespace (a descriptor to return to) if residents can be forked into namespaces
     of their own: as root with ``CAP_SYS_ADMIN`` and ``CAP_SETPCAP``, and unshare() allowed (the
     systemd unit we ship allows that); else -1."""
-    with open("/proc/self/status") as status:
-        effective = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
-    wanted = sum(1 << cap for cap in _NAMESPACE_CAPABILITIES)
-    if os.geteuid() != 0 or effective & wanted != wanted:
+    if os.geteuid() != 0 or lacking(_NAMESPACE_CAPABILITIES):
         log.info("no PID namespaces for residents: the helper lacks CAP_SYS_ADMIN or CAP_SETPCAP")
         return -1
     fd = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
